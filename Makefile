@@ -1,0 +1,55 @@
+# kubetune: `make demo` runs a real TrainingRun locally, `make test` runs every test.
+# Everything slow to build (the Python env, the control plane from Go modules, kubectl/helm)
+# is cached outside the repo under $(CACHE), keyed by version, so only a fresh machine pays.
+SHELL := /bin/bash
+PYTHON_BASE ?= python3.11
+CACHE ?= $(or $(KUBETUNE_CACHE),$(HOME)/.cache/kubetune)
+ENV_KEY := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+VENV ?= $(CACHE)/venv-$(ENV_KEY)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest
+DEMO_DIR ?= demo
+
+.PHONY: setup demo test test-unit test-trainer test-e2e control-plane crds lint clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@mkdir -p $(CACHE)
+	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -c constraints.txt -e ".[trainer,dev]"
+	@touch $(STAMP)
+	@ln -sfn $(VENV) .venv
+
+# The quick start: a tiny model built locally, then the whole lifecycle as local processes.
+demo: setup
+	@test -f build/tiny-model/config.json || $(PY) -m kubetune_trainer tiny-model build/tiny-model
+	$(VENV)/bin/kubetune run examples/quickstart.yaml --local --workdir $(DEMO_DIR)
+
+control-plane:
+	bash tests/cluster/build.sh
+
+test: setup control-plane
+	$(VENV)/bin/lint-imports --config pyproject.toml
+	$(PY) -m kubetune.crdgen --check
+	$(PYTEST) -q -ra tests
+
+test-unit: setup
+	$(PYTEST) -q tests/unit
+
+test-trainer: setup
+	$(PYTEST) -q tests/trainer
+
+test-e2e: setup control-plane
+	$(PYTEST) -q -ra tests/e2e tests/cluster
+
+crds: setup
+	$(PY) -m kubetune.crdgen
+
+lint: setup
+	$(VENV)/bin/lint-imports --config pyproject.toml
+
+clean-demo:
+	rm -rf $(DEMO_DIR) build/tiny-model

@@ -1,0 +1,43 @@
+"""The operator's own Prometheus metrics: runs by phase, reconcile latency and errors."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+RUNS_BY_PHASE = Gauge("kubetune_trainingruns", "TrainingRuns by namespace and phase",
+                      ["namespace", "phase"], registry=REGISTRY)
+RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Time of one reconcile",
+                              registry=REGISTRY,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised",
+                           ["reason"], registry=REGISTRY)
+RUN_PHASE = Gauge("kubetune_trainingrun_phase_info", "1 for the current phase of each run",
+                  ["namespace", "name", "phase"], registry=REGISTRY)
+
+
+def record_phase(namespace: str, name: str, phase: str, all_phases: list[str]) -> None:
+    for candidate in all_phases:
+        RUN_PHASE.labels(namespace, name, candidate).set(1 if candidate == phase else 0)
+
+
+def forget_run(namespace: str, name: str, all_phases: list[str]) -> None:
+    for candidate in all_phases:
+        try:
+            RUN_PHASE.remove(namespace, name, candidate)
+        except KeyError:
+            pass
+
+
+def recount(phases_by_run: dict[tuple[str, str], str], all_phases: list[str]) -> None:
+    """Runs by phase, recomputed from what is known now (level-triggered, like the rest)."""
+    counts: dict[tuple[str, str], int] = {}
+    for (namespace, _name), phase in phases_by_run.items():
+        counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
+    RUNS_BY_PHASE.clear()
+    for (namespace, phase), count in counts.items():
+        RUNS_BY_PHASE.labels(namespace, phase).set(count)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,1 @@
+"""kubetune's data plane: prepare data, train with Composer, convert, register."""
