@@ -1,0 +1,1 @@
+"""kubetune: a Kubernetes operator that fine-tunes LLMs from TrainingRun resources."""
