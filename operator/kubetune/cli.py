@@ -1,0 +1,162 @@
+"""`kubetune`: run a TrainingRun locally, validate one before any GPU is asked for, run the operator.
+
+Errors reach a person as a few clear lines and a non-zero exit code, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .api import KIND, SpecError, parse_training_run
+
+EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 1
+
+
+class CliError(Exception):
+    """A problem to print as is, with the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = EXIT_INVALID):
+        super().__init__(message)
+        self.code = code
+
+
+def load_document(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise CliError(f"{path}: cannot read: {error.strerror or error}") from error
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise CliError(f"{path}{where}: not valid YAML: {getattr(error, 'problem', error)}") from error
+    runs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(runs) != 1:
+        raise CliError(f"{path}: expected exactly one {KIND} document, found {len(runs)}")
+    return runs[0]
+
+
+def parse_or_explain(body: dict[str, Any], path: str):
+    try:
+        return parse_training_run(body)
+    except SpecError as error:
+        raise CliError(f"{path}: invalid {KIND}:\n{error}") from error
+
+
+# --- run --local -------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        raise CliError("`kubetune run` needs --local (use `kubectl apply -f` for a cluster)")
+    from .local import LocalRun, local_body, local_settings
+
+    document = load_document(args.file)
+    workdir = Path(args.workdir or ".kubetune")
+    body = local_body(document, Path.cwd(), workdir)
+    parse_or_explain(body, args.file)
+    run = LocalRun(body, workdir, local_settings(workdir))
+    print(f"kubetune: running {body['metadata']['name']} locally in {run.workdir}")
+    phase = run.run()
+    return report_outcome(run.body, phase, run)
+
+
+def report_outcome(body: dict[str, Any], phase: str, run) -> int:
+    status = body.get("status") or {}
+    if phase != "Succeeded":
+        failed = next((c for c in status.get("conditions") or []
+                       if c.get("type") == "Failed" and c.get("status") == "True"), {})
+        print(f"kubetune: {phase}: {failed.get('reason', '')}: {failed.get('message', '')}".rstrip(": "),
+              file=sys.stderr)
+        print(f"  logs: {run.folder}", file=sys.stderr)
+        return EXIT_FAILED
+    model = status.get("registeredModel") or {}
+    config = run.config()
+    print(f"registered model: {model.get('name')} version {model.get('version')}")
+    print(f"model folder:     {config.hf_dir if config else model.get('artifactUri')}")
+    print(f"artifact URI:     {model.get('artifactUri')}")
+    print(f"MLflow store:     {run.settings.mlflow_tracking_uri}")
+    return EXIT_OK
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .local import local_body, local_settings
+    from .resolve import resolve_config
+
+    document = load_document(args.file)
+    with tempfile.TemporaryDirectory() as scratch:
+        body = local_body(document, Path.cwd(), Path(scratch))
+        run = parse_or_explain(body, args.file)
+        print(f"{args.file}: spec valid")
+        try:
+            from kubetune_trainer.data import analyze
+        except ImportError:
+            print("data checks skipped: install kubetune[trainer] to check data and count tokens")
+            return EXIT_OK
+        config = resolve_config(run, local_settings(Path(scratch)))
+        return report_data(analyze, config, args.file)
+
+
+def report_data(analyze, config, path: str) -> int:
+    from kubetune_trainer.errors import StepError
+
+    try:
+        report = analyze(config)
+    except StepError as error:
+        raise CliError(f"{path}: {error.reason}: {error.message}") from error
+    stats = report.stats
+    print(f"data valid: {config.train_data_path}")
+    for label, value in [("samples", stats.samples), ("tokens", stats.tokens),
+                         (f"truncated at {report.context_length}", stats.truncated_samples),
+                         ("packed sequences", stats.sequences),
+                         ("packing efficiency", f"{stats.packing_efficiency:.1%}"),
+                         (f"batches per epoch (batch {config.global_batch_size})",
+                          report.batches_per_epoch(config.global_batch_size))]:
+        print(f"  {label:<34} {value}")
+    return EXIT_OK
+
+
+# --- operator ----------------------------------------------------------------------------------
+
+def cmd_operator(_: argparse.Namespace) -> int:
+    from .k8s.main import run_operator
+
+    return run_operator()
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a TrainingRun end to end")
+    run.add_argument("file")
+    run.add_argument("--local", action="store_true", help="as local processes, on this machine")
+    run.add_argument("--workdir", help="where data, checkpoints, MLflow store go (default .kubetune)")
+    run.set_defaults(func=cmd_run)
+    validate = sub.add_parser("validate", help="pre-flight: spec and data checks, statistics")
+    validate.add_argument("file")
+    validate.set_defaults(func=cmd_validate)
+    sub.add_parser("operator", help="run the operator").set_defaults(func=cmd_operator)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as error:
+        print(f"kubetune: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Thin, idempotent I/O against the API server: list a run's children, apply a plan's parts.
+
+Every write tolerates the race it can lose: a create that conflicts is done, a delete of
+something gone is done. Objects travel as plain dicts, as the pure core expects them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from ..api import GROUP, KIND, PLURAL, VERSION
+from ..manifests import LABEL_RUN
+from ..reconcile import ChildRef, PlannedEvent
+
+log = logging.getLogger("kubetune.k8s")
+CREATORS = {  # kind -> (api class, create method)
+    "ConfigMap": (client.CoreV1Api, "create_namespaced_config_map"),
+    "Service": (client.CoreV1Api, "create_namespaced_service"),
+    "Job": (client.BatchV1Api, "create_namespaced_job"),
+}
+DELETERS = {
+    "ConfigMap": (client.CoreV1Api, "delete_namespaced_config_map"),
+    "Service": (client.CoreV1Api, "delete_namespaced_service"),
+    "Job": (client.BatchV1Api, "delete_namespaced_job"),
+}
+
+
+class Cluster:
+    def __init__(self, api_client: client.ApiClient | None = None):
+        self.api_client = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+
+    def _plain(self, items) -> list[dict[str, Any]]:
+        return [self.api_client.sanitize_for_serialization(item) for item in items]
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def children(self, namespace: str, run: str) -> dict[str, list[dict[str, Any]]]:
+        selector = f"{LABEL_RUN}={run}"
+        return {
+            "jobs": self._plain(self.batch.list_namespaced_job(namespace, label_selector=selector).items),
+            "pods": self._plain(self.core.list_namespaced_pod(namespace, label_selector=selector).items),
+            "config_maps": self._plain(
+                self.core.list_namespaced_config_map(namespace, label_selector=selector).items),
+            "services": self._plain(
+                self.core.list_namespaced_service(namespace, label_selector=selector).items),
+        }
+
+    def create(self, manifest: Mapping[str, Any]) -> None:
+        api_class, method = CREATORS[manifest["kind"]]
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            getattr(api_class(self.api_client), method)(namespace, manifest)
+        except ApiException as error:
+            if error.status != 409:  # 409: it exists already, which is what we wanted
+                raise
+
+    def delete(self, ref: ChildRef) -> None:
+        api_class, method = DELETERS[ref.kind]
+        body = client.V1DeleteOptions(propagation_policy=ref.propagation)
+        try:
+            getattr(api_class(self.api_client), method)(ref.name, ref.namespace, body=body)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)})
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def post_event(self, run: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
+        """Mirror a typed run event as a Kubernetes Event on the TrainingRun."""
+        meta = run["metadata"]
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}", kind=KIND, name=meta["name"],
+                namespace=meta["namespace"], uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion")),
+            reason=camel(event.type.value),
+            message=event.message[:1024],
+            type=event.k8s_type,
+            first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component="kubetune-operator"),
+            reporting_component="kubetune.dev/operator",
+            reporting_instance="kubetune-operator",
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as error:  # an Event is a courtesy: never fail a reconcile for it
+            log.warning("could not post event %s: %s", event.type.value, error.reason)
+
+
+def camel(name: str) -> str:
+    """TRAIN_STARTED -> TrainStarted, the CamelCase Kubernetes Events use for reasons."""
+    return "".join(part.capitalize() for part in name.split("_"))

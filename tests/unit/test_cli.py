@@ -1,0 +1,48 @@
+"""The command line's errors: a few clear lines naming what and where, a non-zero exit."""
+
+import textwrap
+
+from kubetune.cli import main
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_missing_file_is_one_line_and_exit_1(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "nope.yaml: cannot read" in err and "Traceback" not in err
+
+
+def test_broken_yaml_names_the_line(tmp_path, capsys):
+    path = write(tmp_path, """\
+        kind: TrainingRun
+        spec: {model: [unclosed
+        """)
+    assert main(["validate", path]) == 1
+    assert "run.yaml:" in capsys.readouterr().err
+
+
+def test_invalid_spec_names_the_field(tmp_path, capsys):
+    path = write(tmp_path, """\
+        apiVersion: kubetune.dev/v1alpha1
+        kind: TrainingRun
+        metadata: {name: bad}
+        spec:
+          model: m
+          trainDataPath: /data/train.jsonl
+          registerTo: not-a-name
+          trainingDuration: 3 weeks
+        """)
+    assert main(["validate", path]) == 1
+    err = capsys.readouterr().err
+    assert "spec.registerTo" in err and "spec.trainingDuration" in err and "Traceback" not in err
+
+
+def test_run_without_local_explains_itself(tmp_path, capsys):
+    path = write(tmp_path, "kind: TrainingRun\n")
+    assert main(["run", path]) == 1
+    assert "--local" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""The Lease rule: one holder at a time, takeover only after expiry."""
+
+import datetime as dt
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubetune.leader import LeaseState, decide_lease, expired, lease_body
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def test_first_candidate_takes_a_missing_lease():
+    assert decide_lease(None, "a", T0, 15) == LeaseState("a", T0, 15, 0)
+
+
+def test_holder_renews_without_a_transition():
+    held = LeaseState("a", T0, 15, 3)
+    assert decide_lease(held, "a", at(5), 15) == LeaseState("a", at(5), 15, 3)
+
+
+def test_other_candidate_waits_while_the_lease_is_live():
+    assert decide_lease(LeaseState("a", T0, 15, 0), "b", at(14.9), 15) is None
+
+
+def test_other_candidate_takes_an_expired_lease_and_counts_the_transition():
+    assert decide_lease(LeaseState("a", T0, 15, 2), "b", at(15), 15) == LeaseState("b", at(15), 15, 3)
+
+
+def test_released_lease_is_free():
+    assert expired(LeaseState(None, None, 15), T0)
+
+
+def test_lease_body_carries_the_resource_version_for_optimistic_locking():
+    body = lease_body("kubetune", LeaseState("a", T0, 15, 1), "42")
+    assert body["metadata"] == {"name": "kubetune", "resourceVersion": "42"}
+    assert body["spec"]["holderIdentity"] == "a"
+    assert body["spec"]["renewTime"] == "2026-01-01T00:00:00.000000Z"
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 5)), min_size=1, max_size=40))
+def test_never_two_live_holders(attempts):
+    """Whatever order candidates try in, a live lease only ever changes hands after expiry."""
+    lease, now = None, T0
+    for candidate, wait in attempts:
+        now += dt.timedelta(seconds=wait)
+        wanted = decide_lease(lease, candidate, now, 10)
+        if wanted is not None and lease is not None and wanted.holder != lease.holder:
+            assert expired(lease, now)
+        lease = wanted or lease

@@ -1,0 +1,54 @@
+"""Pure parts of local mode: how it plays the API server and the kubelet."""
+
+from pathlib import Path
+
+from kubetune.local import absolutize, container_env, expand, local_body, merge_patch
+
+
+def test_merge_patch_follows_rfc7386():
+    target = {"phase": "Training", "progress": {"percent": 10, "loss": 2.0}, "attempts": 1}
+    patch = {"progress": {"percent": 50, "loss": None}, "attempts": None, "phase": "Registering"}
+    assert merge_patch(target, patch) == {"phase": "Registering", "progress": {"percent": 50}}
+
+
+def test_lists_are_replaced_not_merged():
+    assert merge_patch({"events": [1, 2]}, {"events": [3]}) == {"events": [3]}
+
+
+def test_expand_substitutes_known_variables_only():
+    assert expand("--node-rank $(NODE_RANK) $(UNKNOWN)", {"NODE_RANK": "1"}) == "--node-rank 1 $(UNKNOWN)"
+
+
+def test_relative_paths_resolve_against_the_caller_but_hub_ids_and_uris_do_not(tmp_path):
+    (tmp_path / "data.jsonl").write_text("{}")
+    spec = {"model": "meta-llama/Llama-3.1-8B-Instruct", "trainDataPath": "data.jsonl",
+            "evalDataPath": "s3://bucket/eval.jsonl", "customWeightsPath": "./ckpt/latest-rank0.pt"}
+    out = absolutize(spec, tmp_path)
+    assert out["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert out["trainDataPath"] == str(tmp_path / "data.jsonl")
+    assert out["evalDataPath"] == "s3://bucket/eval.jsonl"
+    assert out["customWeightsPath"] == str(tmp_path / "ckpt" / "latest-rank0.pt")
+
+
+def test_local_body_uid_is_stable_per_workdir(tmp_path):
+    doc = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "r"},
+           "spec": {"model": "m"}}
+    first, again = local_body(doc, tmp_path, tmp_path / "w"), local_body(doc, tmp_path, tmp_path / "w")
+    other = local_body(doc, tmp_path, tmp_path / "w2")
+    assert first["metadata"]["uid"] == again["metadata"]["uid"] != other["metadata"]["uid"]
+    assert first["metadata"]["namespace"] == "default"
+
+
+def test_container_env_resolves_the_downward_api_and_points_rank0_at_loopback(monkeypatch):
+    monkeypatch.setenv("KUBETUNE_TRAINER_IMAGE", "leaks-operator-settings")
+    container = {"env": [
+        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "MASTER_ADDR", "value": "r-train-1-0.r-train.default.svc"},
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+    ]}
+    env = container_env(container, "r-train-1-1", 1, "default", Path("/tmp"))
+    assert env["NODE_RANK"] == "1" and env["POD_IP"] == "127.0.0.1" and env["MASTER_ADDR"] == "127.0.0.1"
+    assert "KUBETUNE_TRAINER_IMAGE" not in env
+    assert "HF_TOKEN" not in env or env["HF_TOKEN"] != ""
