@@ -1,4 +1,4 @@
-"""Shared fixtures of the data-plane tests: the tiny model, built once per session."""
+"""Fixtures shared by every layer: the tiny model, built once per session, nothing downloaded."""
 
 from __future__ import annotations
 
