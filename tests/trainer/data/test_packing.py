@@ -1,0 +1,69 @@
+"""Packing: best-fit decreasing bins, and rows where no sample leaks into another."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubetune_trainer.data.packing import Sample, pack, pack_samples, packing_efficiency
+from kubetune_trainer.data.store import IGNORE_INDEX
+
+
+def test_best_fit_decreasing_fills_the_tightest_bin():
+    # 7 opens bin 0 (room 3), the 4s share bin 1 (room 2); the 1 fits both rooms and goes to the
+    # tightest, bin 1, where first fit would pick bin 0.
+    assert pack([1, 4, 7, 4], 10) == [[2], [1, 3, 0]]
+
+
+def test_equal_lengths_keep_index_order_and_bins_fill_oldest_first():
+    assert pack([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
+    assert pack([], 8) == []
+
+
+def test_lengths_outside_the_capacity_are_refused():
+    with pytest.raises(ValueError, match="sample 1 has length 9"):
+        pack([2, 9], 8)
+    with pytest.raises(ValueError, match="sample 0 has length 0"):
+        pack([0], 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64).flatmap(
+    lambda capacity: st.tuples(st.just(capacity), st.lists(st.integers(1, capacity), max_size=40))))
+def test_every_sample_lands_in_exactly_one_bin_that_fits(case):
+    capacity, lengths = case
+    bins = pack(lengths, capacity)
+    assert sorted(i for members in bins for i in members) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in members) <= capacity for members in bins)
+    # Best fit leaves at most one bin half full or less, so bins <= 2 * total / capacity + 1.
+    loads = [sum(lengths[i] for i in members) for members in bins]
+    assert sum(2 * load <= capacity for load in loads) <= 1
+    assert pack(lengths, capacity) == bins  # deterministic
+
+
+def sample(ids, mask):
+    return Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
+
+
+def test_rows_restart_positions_mask_boundaries_and_pad():
+    samples = [sample([10, 11, 12], [0, 1, 1]), sample([20, 21, 22, 23], [1, 1, 1, 1]), sample([30, 31], [0, 1])]
+    arrays = pack_samples(samples, context_length=8, pad_id=0)
+    # Best fit decreasing: the 4-long sample opens row 0, then 3 and 2 follow until full/padding.
+    assert arrays.input_ids.tolist() == [[20, 21, 22, 23, 10, 11, 12, 0], [30, 31, 0, 0, 0, 0, 0, 0]]
+    assert arrays.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 0, 0, 0, 0, 0, 0]]
+    assert arrays.sequence_ids.tolist() == [[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    x = IGNORE_INDEX
+    assert arrays.labels.tolist() == [[x, 21, 22, 23, x, 11, 12, x], [x, 31, x, x, x, x, x, x]]
+    assert {array.dtype for array in arrays.arrays().values()} == {np.dtype(np.int32)}
+
+
+def test_first_token_of_a_sample_is_masked_even_when_it_would_be_learned():
+    arrays = pack_samples([sample([1, 2], [1, 1]), sample([3, 4], [1, 1])], context_length=4, pad_id=9)
+    assert arrays.labels.tolist() == [[IGNORE_INDEX, 2, IGNORE_INDEX, 4]]
+
+
+def test_packing_efficiency_is_real_tokens_over_slots():
+    assert packing_efficiency(tokens=12, sequences=2, context_length=8) == 0.75
+    assert packing_efficiency(tokens=0, sequences=0, context_length=8) == 0.0

@@ -1,0 +1,64 @@
+"""The two things data preparation needs from the model: its tokenizer and its max context."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import DEFAULT_MAX_CONTEXT, RunConfig, TaskType
+from ..errors import TransientError, UserError
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+UNSET_MODEL_MAX = 10**6  # transformers' stand-in for "unknown" is ~1e30
+
+
+def load_failure(model: str, what: str, error: Exception) -> Exception:
+    """A local folder or an unknown hub id is the user's mistake; anything else may be the network."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.exists(model) or "not a valid model identifier" in text or "does not appear to have" in text:
+        return UserError(f"model {model}: cannot load its {what}: {text}")
+    return TransientError(f"model {model}: cannot load its {what}: {text}")
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise load_failure(model, "tokenizer", error) from error
+    if not tokenizer.is_fast:
+        raise UserError(f"model {model}: a fast (Rust) tokenizer is needed for the token offsets")
+    return tokenizer
+
+
+def model_max_context(model: str, tokenizer: Any) -> int | None:
+    """The longest context the model supports, from its config, else its tokenizer."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise load_failure(model, "config", error) from error
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < UNSET_MODEL_MAX else None
+
+
+def resolve_context_length(requested: int | None, model_max: int | None) -> int:
+    """contextLength: default min(8192, model max); above the model's max is rejected."""
+    if requested is None:
+        return min(DEFAULT_MAX_CONTEXT, model_max) if model_max else DEFAULT_MAX_CONTEXT
+    if model_max is not None and requested > model_max:
+        raise UserError(f"contextLength {requested} exceeds the model's maximum context of {model_max} "
+                        f"tokens; set contextLength to {model_max} or less")
+    return requested
+
+
+def check_chat_template(config: RunConfig, tokenizer: Any) -> None:
+    if config.task_type == TaskType.CHAT_COMPLETION and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"model {config.model} has no chat template, which CHAT_COMPLETION needs "
+                        f"(use INSTRUCTION_FINETUNE with the template baked into the prompts)")

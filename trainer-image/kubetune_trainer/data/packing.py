@@ -1,0 +1,105 @@
+"""Packing samples into fixed-length sequences. Pure functions, no I/O.
+
+Algorithm: best-fit decreasing. Samples are taken longest first (ties by original index) and
+each goes into the open sequence with the least room that still fits it, else a new one. It is
+deterministic (same lengths, same packing: a re-run or the `validate` pre-flight gives the same
+numbers as the real preparation), it wastes at most ~22% over the optimum in the worst case and
+far less in practice, and with rooms bucketed by size it runs in O(n log C). The order it
+produces groups similar lengths, which does not matter: the trainer's sampler shuffles sequences.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .store import IGNORE_INDEX, PackedArrays
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized sample: ids and a loss mask of the same length (<= context length)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray  # bool: True where the token is learned
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group sample indices into bins whose lengths sum to <= capacity (best-fit decreasing).
+
+    Returns the bins in creation order, each listing its sample indices in insertion order.
+    """
+    bins: list[list[int]] = []
+    rooms: list[int] = []  # sorted distinct free rooms that some bin has
+    bins_by_room: dict[int, deque[int]] = {}  # room -> bin numbers, oldest first
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        if not 0 < length <= capacity:
+            raise ValueError(f"sample {index} has length {length}, outside 1..{capacity}")
+        slot = bisect.bisect_left(rooms, length)
+        if slot < len(rooms):
+            room = rooms[slot]
+            number = bins_by_room[room].popleft()
+            if not bins_by_room[room]:
+                del bins_by_room[room]
+                rooms.pop(slot)
+        else:
+            room, number = capacity, len(bins)
+            bins.append([])
+        bins[number].append(index)
+        left = room - length
+        if left > 0:
+            if left not in bins_by_room:
+                bisect.insort(rooms, left)
+            bins_by_room.setdefault(left, deque()).append(number)
+    return bins
+
+
+def fill_row(row: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:
+    """Lay samples side by side in one row of each array; the rest stays padding."""
+    start = 0
+    for number, sample in enumerate(samples, start=1):
+        end = start + len(sample)
+        row["input_ids"][start:end] = sample.input_ids
+        row["labels"][start:end] = np.where(sample.loss_mask, sample.input_ids, IGNORE_INDEX)
+        row["labels"][start] = IGNORE_INDEX  # no loss across the boundary with the sample before
+        row["position_ids"][start:end] = np.arange(len(sample))
+        row["sequence_ids"][start:end] = number
+        start = end
+
+
+def empty_arrays(num_sequences: int, context_length: int, pad_id: int) -> PackedArrays:
+    shape = (num_sequences, context_length)
+    return PackedArrays(
+        input_ids=np.full(shape, pad_id, dtype=np.int32),
+        labels=np.full(shape, IGNORE_INDEX, dtype=np.int32),
+        position_ids=np.zeros(shape, dtype=np.int32),
+        sequence_ids=np.zeros(shape, dtype=np.int32),
+    )
+
+
+def fill_arrays(arrays: PackedArrays, samples: Sequence[Sample], bins: Sequence[Sequence[int]]) -> None:
+    """Write every bin as one row of `arrays` (in memory or memory-mapped, pre-filled padding)."""
+    for number, members in enumerate(bins):
+        row = {name: array[number] for name, array in arrays.arrays().items()}
+        fill_row(row, [samples[index] for index in members])
+
+
+def pack_samples(samples: Sequence[Sample], context_length: int, pad_id: int) -> PackedArrays:
+    """Pack into new in-memory arrays (tests and small splits; `prepare` fills memory maps)."""
+    bins = pack([len(sample) for sample in samples], context_length)
+    arrays = empty_arrays(len(bins), context_length, pad_id)
+    fill_arrays(arrays, samples, bins)
+    return arrays
+
+
+def packing_efficiency(tokens: int, sequences: int, context_length: int) -> float:
+    """Real tokens over all token slots; 0 when there is nothing."""
+    return round(tokens / (sequences * context_length), 4) if sequences else 0.0
