@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 PYTHON_BASE ?= python3.11
 CACHE ?= $(or $(KUBETUNE_CACHE),$(HOME)/.cache/kubetune)
-ENV_KEY := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+# Keyed by the pins and the interpreter: editing pyproject.toml reinstalls in place, a new pin makes a new env.
+ENV_KEY := $(shell (cat constraints.txt; $(PYTHON_BASE) --version 2>&1) | sha256sum | cut -c1-12)
 VENV ?= $(CACHE)/venv-$(ENV_KEY)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -6,6 +6,7 @@ Errors reach a person as a few clear lines and a non-zero exit code, never as a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -112,16 +113,22 @@ def report_data(analyze, config, path: str) -> int:
         report = analyze(config)
     except StepError as error:
         raise CliError(f"{path}: {error.reason}: {error.message}") from error
-    stats = report.stats
     print(f"data valid: {config.train_data_path}")
-    for label, value in [("samples", stats.samples), ("tokens", stats.tokens),
-                         (f"truncated at {report.context_length}", stats.truncated_samples),
-                         ("packed sequences", stats.sequences),
-                         ("packing efficiency", f"{stats.packing_efficiency:.1%}"),
-                         (f"batches per epoch (batch {config.global_batch_size})",
-                          report.batches_per_epoch(config.global_batch_size))]:
-        print(f"  {label:<34} {value}")
+    print_stats(report.stats, report.context_length)
+    print(f"  {'batches per epoch (batch ' + str(config.global_batch_size) + ')':<34} "
+          f"{report.batches_per_epoch(config.global_batch_size)}")
+    if report.eval is not None:
+        print(f"eval data valid: {config.eval_data_path}")
+        print_stats(report.eval.stats, report.context_length)
     return EXIT_OK
+
+
+def print_stats(stats, context_length: int) -> None:
+    for label, value in [("samples", stats.samples), ("tokens", stats.tokens),
+                         (f"truncated at {context_length}", stats.truncated_samples),
+                         ("packed sequences", stats.sequences),
+                         ("packing efficiency", f"{stats.packing_efficiency:.1%}")]:
+        print(f"  {label:<34} {value}")
 
 
 # --- operator ----------------------------------------------------------------------------------
@@ -156,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         return error.code
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug of ours: one line for the person, the trace on request
+        if os.environ.get("KUBETUNE_DEBUG"):
+            raise
+        print(f"kubetune: internal error: {type(error).__name__}: {error}\n"
+              "  (run again with KUBETUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,9 +81,15 @@ def local_settings(workdir: Path) -> OperatorSettings:
         storage_claim_name=None,
         storage_uri=str(workdir / "storage"),
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}",
-        metrics_port=0,  # progress comes from progress.json; no port to collide with
+        metrics_port=free_port(),  # rank 0 serves here; a fixed port would collide between runs
         config_mount_path=str(workdir / "config"),
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")

@@ -1,0 +1,160 @@
+"""The real operator process against the real control plane, installed as the chart will.
+
+Session fixtures: the CRD (applied with the real kubectl), the operator's least-privilege RBAC
+(from `kubetune.rbac`, the one place the rules live), a kubeconfig holding only the operator
+ServiceAccount's token, a real MLflow server, and `kubetune operator` itself as a process.
+The node agent of tests/cluster runs the pods; their commands use this interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.rbac import build_rbac
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
+OPERATOR_NAMESPACE = "kubetune-system"
+OPERATOR_ACCOUNT = "kubetune-operator"
+
+def pytest_configure(config):
+    for plugin in ("tests.cluster.fixtures", "tests.support.mlflow_server"):
+        if not config.pluginmanager.has_plugin(plugin):
+            config.pluginmanager.import_plugin(plugin)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def apply(kubectl, objects) -> None:
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(objects)))
+
+
+@pytest.fixture(scope="session")
+def crd(kubectl, wait_for):
+    kubectl("apply", "--server-side", "-f", str(CRD))
+    kubectl("wait", "--for=condition=Established", "crd/trainingruns.kubetune.dev", "--timeout=60s")
+    return CRD
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(cluster, kubectl, tmp_path_factory) -> Path:
+    """A kubeconfig that authenticates as the operator's ServiceAccount: it is not admin."""
+    apply(kubectl, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}}])
+    apply(kubectl, build_rbac(OPERATOR_NAMESPACE, name=OPERATOR_ACCOUNT))
+    token = kubectl("create", "token", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE,
+                    "--duration=6h").stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == cluster.context)["context"]
+    cluster_entry = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [cluster_entry],
+        "users": [{"name": OPERATOR_ACCOUNT, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster_entry["name"],
+                                                      "user": OPERATOR_ACCOUNT}}],
+    }
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def storage_dir(tmp_path_factory) -> Path:
+    """The storage root every pod sees (a PVC on a real cluster; one folder here)."""
+    return tmp_path_factory.mktemp("storage")
+
+
+def operator_env(kubeconfig: Path, storage: Path, tracking_uri: str, metrics_port: int) -> dict:
+    return {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "POD_NAMESPACE": OPERATOR_NAMESPACE,
+        "KUBETUNE_RECONCILE_INTERVAL": "1",
+        "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
+        # The node agent runs pod commands on this machine, with this interpreter.
+        "KUBETUNE_TRAINER_COMMAND": json.dumps([sys.executable, "-m", "kubetune_trainer"]),
+        "KUBETUNE_TORCHRUN_COMMAND": json.dumps([sys.executable, "-m", "torch.distributed.run"]),
+        "KUBETUNE_STORAGE_URI": str(storage),
+        "KUBETUNE_STORAGE_CLAIM_NAME": "",
+        "KUBETUNE_MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class OperatorProcess:
+    def __init__(self, env: dict, log: Path, metrics_port: int):
+        self.env, self.log, self.metrics_port, self.process = env, log, metrics_port, None
+
+    def start(self) -> OperatorProcess:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator"],
+                                            env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                            cwd=REPO)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """As an OOM kill or a node loss would: no goodbye."""
+        self.process.kill()
+        self.process.wait()
+
+    def log_tail(self, size: int = 6000) -> str:
+        return self.log.read_bytes()[-size:].decode(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, crd, operator_kubeconfig, storage_dir, mlflow_server, tmp_path_factory, wait_for):
+    if not cluster.local:
+        pytest.skip("against a real cluster the operator runs from the Helm chart, with the trainer image")
+    port = free_port()
+    log = tmp_path_factory.mktemp("operator-log") / "operator.log"
+    process = OperatorProcess(operator_env(operator_kubeconfig, storage_dir, mlflow_server, port),
+                              log, port).start()
+    try:
+        wait_for(lambda: "watching" in process.log_tail() or process.process.poll() is not None,
+                 60, "the operator to start")
+        if process.process.poll() is not None:
+            pytest.fail(f"the operator exited:\n{process.log_tail()}")
+        yield process
+    finally:
+        process.stop()
+
+
+def trainingrun(name: str, spec: dict) -> dict:
+    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def wait_phase(kubectl, namespace: str, name: str, phases: set[str], timeout: float, operator=None):
+    deadline = time.monotonic() + timeout
+    status = {}
+    while time.monotonic() < deadline:
+        run = kubectl.json("get", "trainingrun", name, "-n", namespace)
+        status = run.get("status") or {}
+        if status.get("phase") in phases:
+            return run
+        time.sleep(1)
+    tail = operator.log_tail() if operator else ""
+    raise TimeoutError(f"{name} never reached {phases}; status: {json.dumps(status)[:3000]}\n"
+                       f"operator log:\n{tail}")

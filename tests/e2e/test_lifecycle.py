@@ -1,0 +1,139 @@
+"""A TrainingRun applied with the real kubectl goes all the way, through the real API server.
+
+The operator is the real `kubetune operator` process under its own ServiceAccount; the pods run
+in namespaces that enforce Pod Security `restricted`; the model is registered in a real MLflow
+server. Marked `cluster`: they need the control plane built from Go modules (or a real cluster).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, REPO, apply, trainingrun, wait_phase
+
+pytestmark = pytest.mark.cluster
+DATA = REPO / "examples" / "data"
+RUN_TIMEOUT = 420
+TASKS = {
+    "INSTRUCTION_FINETUNE": DATA / "ift.jsonl",
+    "CHAT_COMPLETION": DATA / "chat.jsonl",
+    "CONTINUED_PRETRAIN": DATA / "cpt",
+}
+
+
+def small_spec(model: Path, task: str, data: Path, **extra) -> dict:
+    return {"model": str(model), "taskType": task, "trainDataPath": str(data),
+            "registerTo": f"main.e2e.{task.lower()}", "trainingDuration": "1ep",
+            "learningRate": 1e-3, "contextLength": 128, "globalBatchSize": 8, **extra}
+
+
+def event_types(run: dict) -> list[str]:
+    return [event["type"] for event in run["status"].get("events") or []]
+
+
+def condition(run: dict, type_: str) -> dict:
+    return next(c for c in run["status"]["conditions"] if c["type"] == type_)
+
+
+def registered_versions(tracking_uri: str, name: str) -> list:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_each_task_type_goes_to_succeeded_with_a_registered_model(
+        task, operator, kubectl, namespace, tiny_model_dir, mlflow_server):
+    name = f"run-{task.lower().replace('_', '-')}"
+    apply(kubectl, [{**trainingrun(name, small_spec(tiny_model_dir, task, TASKS[task])),
+                     "metadata": {"name": name, "namespace": namespace}}])
+    kubectl("wait", f"--for=condition=Succeeded", f"trainingrun/{name}", "-n", namespace,
+            f"--timeout={RUN_TIMEOUT}s", timeout=RUN_TIMEOUT + 30)
+    run = kubectl.json("get", "trainingrun", name, "-n", namespace)
+    status = run["status"]
+
+    assert status["phase"] == "Succeeded"
+    assert condition(run, "Succeeded")["status"] == "True"
+    registered = status["registeredModel"]
+    assert registered["name"] == f"main.e2e.{task.lower()}" and str(registered["version"]) == "1"
+    assert status["dataStats"]["samples"] > 0 and status["dataStats"]["tokens"] > 0
+    assert status["mlflow"]["runId"]
+    types = event_types(run)
+    for expected in ["CREATED", "VALIDATED", "DATA_VALIDATED", "TRAIN_STARTED", "TRAIN_FINISHED",
+                     "REGISTERED", "COMPLETED"]:
+        assert expected in types, types
+    assert types.index("CREATED") < types.index("TRAIN_STARTED") < types.index("COMPLETED")
+    versions = registered_versions(mlflow_server, registered["name"])
+    assert len(versions) == 1 and versions[0].tags.get("kubetune.run_uid") == run["metadata"]["uid"]
+
+    # The typed events are mirrored as Kubernetes Events on the resource.
+    events = kubectl.json("get", "events", "-n", namespace,
+                          f"--field-selector=involvedObject.name={name}")["items"]
+    assert {"Created", "Completed"} <= {e["reason"] for e in events}
+    # `kubectl get trainingruns` shows the printer columns.
+    table = kubectl("get", "trainingruns", "-n", namespace).stdout
+    assert "PHASE" in table and "Succeeded" in table and "MODEL" in table
+
+
+def test_spec_errors_are_refused_by_the_api_server(operator, kubectl, namespace, tiny_model_dir):
+    spec = small_spec(tiny_model_dir, "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+                      registerTo="no-dots-here", trainingDuration="10 minutes")
+    document = {**trainingrun("bad", spec), "metadata": {"name": "bad", "namespace": namespace}}
+    import yaml
+
+    result = kubectl("apply", "-f", "-", input=yaml.safe_dump(document), check=False)
+    assert result.returncode != 0
+    assert "registerTo" in result.stderr and "trainingDuration" in result.stderr
+
+
+def test_a_spec_only_the_operator_can_judge_fails_naming_the_field_and_makes_no_pods(
+        operator, kubectl, namespace, tiny_model_dir):
+    # The CRD cannot know a catalog model's context window; the operator's validation does.
+    spec = small_spec("google/gemma-2-9b-it", "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+                      contextLength=16384)
+    apply(kubectl, [{**trainingrun("too-long", spec),
+                     "metadata": {"name": "too-long", "namespace": namespace}}])
+    run = wait_phase(kubectl, namespace, "too-long", {"Failed"}, 60, operator)
+    failed = condition(run, "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.contextLength" in failed["message"]
+    assert kubectl.json("get", "pods,jobs", "-n", namespace)["items"] == []
+    assert "FAILED" in event_types(run)
+
+
+def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
+        operator, kubectl, namespace, tiny_model_dir, storage_dir, cluster):
+    spec = small_spec(tiny_model_dir, "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+                      resources={"nodes": 2}, registerTo="main.e2e.two_nodes")
+    apply(kubectl, [{**trainingrun("two-nodes", spec),
+                     "metadata": {"name": "two-nodes", "namespace": namespace}}])
+    kubectl("wait", "--for=condition=Succeeded", "trainingrun/two-nodes", "-n", namespace,
+            f"--timeout={RUN_TIMEOUT}s", timeout=RUN_TIMEOUT + 30)
+    pods = kubectl.json("get", "pods", "-n", namespace, "-l", "kubetune.dev/component=train")["items"]
+    assert len(pods) == 2
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["NNODES"]["value"] == "2"
+        assert env["MASTER_ADDR"]["value"].startswith("two-nodes-train-")
+        assert "fieldRef" in env["NODE_RANK"]["valueFrom"]
+        assert pod["status"]["phase"] == "Succeeded"
+    result = storage_dir / namespace / "two-nodes" / "result"
+    checksums = {json.loads(p.read_text())["checksum"] for p in result.glob("weights-rank*.json")}
+    assert len(list(result.glob("weights-rank*.json"))) == 2 and len(checksums) == 1
+
+
+def test_pods_meet_pod_security_restricted_and_the_operator_is_not_admin(
+        operator, kubectl, namespace):
+    labels = kubectl.json("get", "namespace", namespace)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    account = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+
+    def can(verb: str, resource: str) -> bool:
+        result = kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={account}", check=False)
+        return result.stdout.strip() == "yes"
+
+    assert can("create", "jobs.batch") and can("patch", "trainingruns.kubetune.dev/status")
+    assert not can("get", "secrets") and not can("create", "pods") and not can("delete", "namespaces")
+    assert not can("update", "jobs.batch")
