@@ -1,0 +1,274 @@
+"""What exists now: a run's children, reduced to the facts `decide` needs.
+
+`Observed` is the interface between a shell and the pure core. The Kubernetes shell lists the
+run's children by label and calls `observe(...)` on the raw API objects; local mode builds
+`JobState`s from its processes directly. Results are the steps' termination messages
+(`kubetune_trainer.results`), parsed here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_trainer.config import RunConfig
+from pydantic import ValidationError
+
+from ..manifests import (
+    COMPLETION_INDEX_ANNOTATION,
+    EXIT_PERMANENT,
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    Component,
+)
+from ..settings import OperatorSettings
+
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+
+
+@dataclass(frozen=True)
+class PodState:
+    """One pod of a Job (a process in local mode)."""
+
+    name: str
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
+    index: int = 0  # completion index: the node rank of a training pod
+    exit_code: int | None = None
+    result: Mapping[str, Any] | None = None  # the step's JSON result
+    message: str = ""  # why it ended, when there is no JSON result (log tail, OOMKilled, ...)
+    ip: str | None = None
+    terminating: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
+
+    @property
+    def permanent(self) -> bool:
+        """A user error: retrying cannot help (exit code 2, or the result says so)."""
+        return self.exit_code == EXIT_PERMANENT or bool(self.result and self.result.get("permanent"))
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One child Job. `failed_reason` is set once the Job itself has failed for good."""
+
+    name: str
+    component: Component
+    attempt: int = 0  # training Jobs only
+    suspended: bool = False
+    active: int = 0
+    succeeded: int = 0
+    completions: int = 1
+    complete: bool = False
+    failed_reason: str | None = None
+    failed_message: str = ""
+    terminating: bool = False  # being deleted
+    pods: tuple[PodState, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.complete or self.succeeded >= self.completions
+
+    @property
+    def settled(self) -> bool:
+        """Finished either way: nothing of it runs any more, no need to delete it to stop it."""
+        return self.done or self.failed_reason is not None
+
+    def result(self) -> Mapping[str, Any]:
+        """The step's result: rank 0's when it reported one, else any successful pod's."""
+        for pod in sorted(self.pods, key=lambda p: p.index):
+            if pod.phase == "Succeeded" and pod.result and pod.result.get("ok", True):
+                return pod.result
+        return {}
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    permanent: bool
+
+
+def job_failure(job: JobState, default_reason: str) -> Failure:
+    """Why a Job failed, from its pods' results first, then the Job's own condition."""
+    if job.failed_reason == "DeadlineExceeded":  # its pods were killed, their exit codes say nothing
+        return Failure("DeadlineExceeded", job.failed_message or "the Job ran past its deadline", True)
+    failed = sorted((p for p in job.pods if p.failed), key=lambda p: (not p.permanent, p.index))
+    if failed:
+        pod = failed[0]
+        reason = (pod.result or {}).get("reason") or default_reason
+        message = (pod.result or {}).get("message") or pod.message or f"pod {pod.name} failed"
+        return Failure(str(reason), str(message), pod.permanent)
+    return Failure(default_reason, job.failed_message or f"Job {job.name} failed", False)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The children of one run that exist now, and its latest training progress."""
+
+    config_map: bool = False
+    config: RunConfig | None = None  # the snapshot in the config map, when it parses
+    service: bool = False
+    prep: JobState | None = None
+    train: tuple[JobState, ...] = ()  # every training Job still there, any attempt
+    finalize: JobState | None = None
+    progress: Mapping[str, Any] | None = None  # progress.json's shape (contracts.md)
+
+    def train_job(self, attempt: int) -> JobState | None:
+        return next((job for job in self.train if job.attempt == attempt), None)
+
+    def jobs(self) -> tuple[JobState, ...]:
+        return tuple(j for j in (self.prep, *self.train, self.finalize) if j is not None)
+
+
+# --- from Kubernetes objects ------------------------------------------------------------------
+
+def parse_termination_message(text: str | None) -> Mapping[str, Any] | None:
+    """The step's JSON result, or None when the message is a log tail or empty."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for status in statuses:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated:
+            return terminated
+    return {}
+
+
+def pod_state(pod: Mapping[str, Any]) -> PodState:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    terminated = _terminated(pod)
+    text = terminated.get("message") or ""
+    result = parse_termination_message(text)
+    reason = terminated.get("reason") or status.get("reason") or ""
+    index = (meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION, "0")
+    return PodState(
+        name=meta.get("name", ""),
+        phase=status.get("phase") or "Pending",
+        index=int(index) if str(index).isdigit() else 0,
+        exit_code=terminated.get("exitCode"),
+        result=result,
+        message="" if result else (text.strip() or reason or status.get("message") or ""),
+        ip=status.get("podIP"),
+        terminating=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def _condition(job: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") in types and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def job_state(job: Mapping[str, Any], pods: Iterable[PodState] = ()) -> JobState:
+    meta, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
+    labels = meta.get("labels") or {}
+    # FailureTarget comes first (1.31+): the Job has failed, its pods are still stopping.
+    failed = _condition(job, "Failed", "FailureTarget")
+    attempt = labels.get(LABEL_ATTEMPT, "0")
+    return JobState(
+        name=meta.get("name", ""),
+        component=Component(labels.get(LABEL_COMPONENT, Component.PREP.value)),
+        attempt=int(attempt) if attempt.isdigit() else 0,
+        suspended=bool(spec.get("suspend")),
+        active=status.get("active") or 0,
+        succeeded=status.get("succeeded") or 0,
+        completions=spec.get("completions") or 1,
+        complete=_condition(job, "Complete", "SuccessCriteriaMet") is not None,
+        failed_reason=(failed.get("reason") or "JobFailed") if failed else None,
+        failed_message=(failed.get("message") or "") if failed else "",
+        terminating=bool(meta.get("deletionTimestamp")),
+        pods=tuple(pods),
+    )
+
+
+def _job_of(pod: Mapping[str, Any]) -> str | None:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return next((labels[key] for key in JOB_NAME_LABELS if key in labels), None)
+
+
+def config_snapshot(config_map: Mapping[str, Any]) -> RunConfig | None:
+    text = (config_map.get("data") or {}).get("config.json")
+    try:
+        return RunConfig.model_validate_json(text) if text else None
+    except ValidationError:  # written by another operator version: rebuild from the spec
+        return None
+
+
+def observe(*, jobs: Iterable[Mapping[str, Any]] = (), pods: Iterable[Mapping[str, Any]] = (),
+            config_maps: Iterable[Mapping[str, Any]] = (),
+            services: Iterable[Mapping[str, Any]] = (),
+            progress: Mapping[str, Any] | None = None) -> Observed:
+    """Observed from the run's children as the API returns them (listed by `kubetune.dev/run`)."""
+    pods_by_job: dict[str, list[PodState]] = {}
+    for pod in pods:
+        pods_by_job.setdefault(_job_of(pod) or "", []).append(pod_state(pod))
+    states = [job_state(job, pods_by_job.get(job["metadata"]["name"], ())) for job in jobs]
+    by_component = {c: [s for s in states if s.component is c] for c in Component}
+    config_maps = list(config_maps)
+    return Observed(
+        config_map=bool(config_maps),
+        config=config_snapshot(config_maps[0]) if config_maps else None,
+        service=any(True for _ in services),
+        prep=next(iter(by_component[Component.PREP]), None),
+        train=tuple(sorted(by_component[Component.TRAIN], key=lambda j: j.attempt)),
+        finalize=next(iter(by_component[Component.FINALIZE]), None),
+        progress=progress,
+    )
+
+
+# --- progress --------------------------------------------------------------------------------
+
+def progress_url(observed: Observed, settings: OperatorSettings) -> str | None:
+    """Where rank 0 of the newest live training attempt serves its metrics, if it runs."""
+    live = [job for job in observed.train if not job.terminating and not job.settled]
+    if not live:
+        return None
+    job = max(live, key=lambda j: j.attempt)
+    rank0 = next((p for p in job.pods if p.index == 0 and p.phase == "Running" and p.ip), None)
+    return f"http://{rank0.ip}:{settings.metrics_port}/metrics" if rank0 else None
+
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_GAUGES = {
+    "kubetune_train_batches_done": "batchesDone",
+    "kubetune_train_batches_total": "batchesTotal",
+    "kubetune_train_tokens_per_second": "tokensPerSecond",
+    "kubetune_train_loss": "loss",
+    "kubetune_train_eta_seconds": "etaSeconds",
+}
+
+
+def parse_metrics(text: str) -> dict[str, Any] | None:
+    """The trainer's Prometheus text → the `progress.json` shape; None if it has no progress."""
+    progress: dict[str, Any] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or line.startswith("#"):
+            continue
+        name, value = match["name"], float(match["value"])
+        if name == "kubetune_train_progress_ratio":
+            progress["percent"] = value * 100
+        elif name in _GAUGES:
+            progress[_GAUGES[name]] = int(value) if name.startswith("kubetune_train_batches") else value
+        elif name == "kubetune_train_info":
+            labels = dict(_LABEL.findall(match["labels"] or ""))
+            if labels.get("latest_checkpoint"):
+                progress["latestCheckpoint"] = labels["latest_checkpoint"]
+            progress["mlflow"] = {"experimentId": labels.get("mlflow_experiment_id") or None,
+                                  "runId": labels.get("mlflow_run_id") or None}
+    return progress if "percent" in progress else None
