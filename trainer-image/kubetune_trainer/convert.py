@@ -1,0 +1,240 @@
+"""`convert`: the final Composer checkpoint -> a Hugging Face folder that `transformers` loads as is.
+
+The folder holds config.json, generation_config.json, model.safetensors (sharded with an index for
+large models) and the tokenizer files with their chat template. Composer's own
+`write_huggingface_pretrained_from_composer_checkpoint` is not used: it writes pickled
+`pytorch_model.bin` and needs peft. Here the weights are assigned to a model built on the meta
+device (no random init, no second copy in memory) and saved as safetensors by `transformers`.
+
+The folder is built in a temporary sibling and renamed into place, with a marker naming the source
+checkpoint written last, so a retried finalize either keeps a complete folder for the same
+checkpoint or rebuilds it, and never reads a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest-rank0.pt"
+MARKER = ".kubetune-source.json"  # hidden: not a Hugging Face file, ignored by from_pretrained
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index in a sharded folder
+# Monolithic `ep{e}-ba{b}-rank0.pt` files, or the `ep{e}-ba{b}` folders of sharded (FSDP) runs.
+CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)(-rank0\.pt)?")
+# The only parts of a checkpoint's `state` a conversion needs; the optimizer state is skipped.
+NEEDED_STATE = ("model", "integrations")
+
+
+def run_convert(config: RunConfig) -> dict:
+    checkpoint = find_checkpoint(Path(config.checkpoint_dir))
+    hf_dir = Path(config.hf_dir)
+    source = checkpoint_identity(checkpoint)
+    if read_marker(hf_dir) == source:
+        log.info("%s already holds %s: kept", hf_dir, checkpoint)
+    else:
+        started = time.monotonic()
+        replace_atomically(hf_dir, lambda out: export(checkpoint, out, config.model, source))
+        log.info("converted %s to %s in %.1fs", checkpoint, hf_dir, time.monotonic() - started)
+    return {"hfFolder": str(hf_dir)}
+
+
+# --- finding the checkpoint -------------------------------------------------------------------
+
+def find_checkpoint(folder: Path) -> Path:
+    """The checkpoint `latest-rank0.pt` points to, else the one with the highest (epoch, batch)."""
+    latest = folder / LATEST
+    if latest.exists():  # follows the symlink; a dangling one falls through to the listing
+        return latest.resolve()
+    steps = [(step, path) for path in _entries(folder) if (step := checkpoint_step(path))]
+    if not steps:
+        raise UserError(
+            f"no Composer checkpoint in {folder}: expected {LATEST}, ep*-ba*-rank0.pt files "
+            "or sharded ep*-ba* folders of .distcp files; did training save one?",
+            "CheckpointMissing",
+        )
+    return max(steps)[1]
+
+
+def _entries(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def checkpoint_step(path: Path) -> tuple[int, int] | None:
+    """(epoch, batch) of a checkpoint file or sharded folder; None for anything else."""
+    match = CHECKPOINT_NAME.fullmatch(path.name)
+    if not match:
+        return None
+    is_file = match.group(3) is not None
+    if (is_file and not path.is_file()) or (not is_file and not is_sharded(path)):
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / SHARDED_METADATA).is_file()
+
+
+def checkpoint_identity(checkpoint: Path) -> dict[str, Any]:
+    """What the marker records: a rewritten checkpoint at the same path counts as a new one."""
+    stat = (checkpoint / SHARDED_METADATA if checkpoint.is_dir() else checkpoint).stat()
+    return {"checkpoint": str(checkpoint), "size": stat.st_size, "mtimeNs": stat.st_mtime_ns}
+
+
+def read_marker(hf_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((hf_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --- reading the checkpoint -------------------------------------------------------------------
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's `state` with the model weights and the Hugging Face metadata, on CPU."""
+    try:
+        state = load_sharded(checkpoint) if checkpoint.is_dir() else load_monolithic(checkpoint)
+    except Exception as error:  # torch raises RuntimeError, pickle errors, EOFError, ... alike
+        raise UserError(f"cannot read checkpoint {checkpoint}: {error}", "CheckpointUnreadable") from error
+    missing = [key for key in NEEDED_STATE if key not in state]
+    if missing or "huggingface" not in state["integrations"]:
+        raise UserError(
+            f"checkpoint {checkpoint} lacks {missing or ['integrations.huggingface']}: was it "
+            "saved by kubetune's trainer (Composer HuggingFaceModel with a tokenizer)?",
+            "CheckpointUnreadable",
+        )
+    return state
+
+
+def load_monolithic(checkpoint: Path) -> dict[str, Any]:
+    import torch
+
+    # weights_only=False: Composer pickles its own objects (timestamps, schedulers) next to the
+    # tensors; the file comes from this run's own storage. mmap keeps the weights on disk until used.
+    return torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["state"]
+
+
+def load_sharded(folder: Path) -> dict[str, Any]:
+    """Gather an FSDP checkpoint's `.distcp` shards into full tensors in this one process.
+
+    The same path as torch's `format_utils.dcp_to_torch_save`, restricted to the model and its
+    metadata: the optimizer state (as large as the model, or twice) is never read.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    keys = {f"state.{key}" for key in NEEDED_STATE}
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(folder)),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return state["state"]
+
+
+# --- writing the Hugging Face folder ----------------------------------------------------------
+
+def export(checkpoint: Path, out: Path, base_model: str, source: dict[str, Any]) -> None:
+    state = load_state(checkpoint)
+    huggingface = state["integrations"]["huggingface"]
+    if "peft_config" in huggingface["model"]:
+        raise UserError(f"checkpoint {checkpoint} holds a PEFT adapter; kubetune converts full "
+                        "fine-tunes only", "UnsupportedCheckpoint")
+    write_tokenizer(huggingface["tokenizer"], out)
+    model = build_model(huggingface["model"]["config"]["content"], state["model"])
+    model.generation_config = generation_config(base_model, model.config)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    (out / MARKER).write_text(json.dumps(source))  # last: its presence means complete
+
+
+def build_model(config_content: dict[str, Any], weights: dict[str, Any]):
+    """A causal LM with the trained weights, in the dtype the checkpoint's config names.
+
+    The trainer loads models in float32, so that is what is saved: casting to the base model's
+    bfloat16 would round away updates as small as the default learning rate (5e-7) makes.
+    """
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING[config_content["model_type"]].from_dict(dict(config_content))
+    dtype = _dtype(getattr(config, "torch_dtype", None))
+    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    # Composer's HuggingFaceModel holds the transformers model as `.model`.
+    own = {key.removeprefix("model."): tensor.to(dtype) if tensor.is_floating_point() else tensor
+           for key, tensor in weights.items()}
+    model.load_state_dict(own, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the tied tensors by separate ones
+    return model
+
+
+def _dtype(value):
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value) if isinstance(value, str) and hasattr(torch, value) else torch.float32
+
+
+def write_tokenizer(files: dict[str, dict[str, Any]], out: Path) -> None:
+    """Write back the files `tokenizer.save_pretrained` produced at training time.
+
+    Composer keeps them in the checkpoint as {file name: {file_extension, content}}: JSON parsed,
+    .txt split into lines, .jinja/.py as text, sentencepiece .model as serialized bytes.
+    """
+    if not files:
+        raise UserError("the checkpoint carries no tokenizer: the trainer must give Composer's "
+                        "HuggingFaceModel its tokenizer", "CheckpointUnreadable")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, saved in files.items():
+        extension, content = saved["file_extension"], saved["content"]
+        path = out / (name if name.endswith(extension) else name + extension)
+        if extension == ".json":
+            path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        elif extension == ".txt":
+            path.write_text("\n".join(content), encoding="utf-8")
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+def generation_config(base_model: str, model_config):
+    """The base model's generation defaults (stop tokens, sampling), which fine-tuning keeps.
+
+    Composer does not store them; when the base model cannot be read from here (a hub id without
+    network), they are derived from the model config as `transformers` itself does.
+    """
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(base_model)
+    except (OSError, ValueError) as error:  # transformers reports hub and file trouble as OSError
+        log.info("generation config of %s unavailable (%s): derived from the model config",
+                 base_model, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return GenerationConfig.from_model_config(model_config)
+
+
+def replace_atomically(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build `target` in a sibling folder and rename it into place (same filesystem: atomic)."""
+    for stale in target.parent.glob(f".{target.name}.*-*"):  # left by an interrupted attempt
+        shutil.rmtree(stale, ignore_errors=True)
+    building = target.with_name(f".{target.name}.building-{os.getpid()}")
+    retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
+    try:
+        fill(building)
+        if target.exists():
+            target.rename(retired)
+        building.rename(target)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
