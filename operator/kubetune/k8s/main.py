@@ -79,6 +79,8 @@ def elect(options: RuntimeOptions, stop: threading.Event):
 
 
 def run_operator(options: RuntimeOptions | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options or RuntimeOptions.from_env()
     settings = OperatorSettings.from_env()
     load_kube_config()
