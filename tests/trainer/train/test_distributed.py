@@ -1,0 +1,46 @@
+"""Two processes under torchrun on CPU (gloo), launched the way the operator launches pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kubetune_trainer.config import Distributed, dump_config
+
+from .conftest import free_port, random_rows, write_prepared
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_two_ranks_train_the_same_model(make_config, tmp_path):
+    config = make_config(training_duration="1ep", global_batch_size=4, metrics_port=free_port(),
+                         distributed=Distributed(procs_per_node=2), eval_data_path="unused",
+                         eval_prompts=["hello"])  # eval and generate need every rank's part
+    write_prepared(Path(config.data_dir), "eval", random_rows(4, seed=2))
+    config_file = tmp_path / "config.json"
+    dump_config(config, config_file)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer-image")]),
+           "OMP_NUM_THREADS": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "NODE_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", env["NNODES"],
+               "--nproc-per-node", env["NPROC_PER_NODE"], "--node-rank", env["NODE_RANK"],
+               "--master-addr", env["MASTER_ADDR"], "--master-port", env["MASTER_PORT"],
+               str(WORKER), str(config_file)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result_dir = Path(config.result_dir)
+    ranks = [json.loads((result_dir / f"weights-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["final"] == ranks[1]["final"]  # gradients were all-reduced
+    assert ranks[0]["initial"] == ranks[1]["initial"] != ranks[0]["final"]
+    assert ranks[0]["batches"] == 4  # 16 rows, a global batch of 4 = 2 rows on each rank
+    # Side effects on rank 0 only: one result, one checkpoint file per save, progress from rank 0.
+    train = json.loads((result_dir / "train.json").read_text())
+    assert train["latestCheckpoint"].endswith("ep1-ba4-rank0.pt")
+    saved = sorted(p.name for p in Path(config.checkpoint_dir).iterdir())
+    assert saved == ["ep1-ba4-rank0.pt", "latest-rank0.pt"]
+    assert json.loads(Path(config.progress_file).read_text())["batchesDone"] == 4

@@ -1,0 +1,61 @@
+"""Autoresume: a restarted run continues from its latest checkpoint, in the same MLflow run,
+and ends with the weights an uninterrupted run reaches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from composer.core import Callback
+
+from kubetune_trainer.train import run_train
+
+from .conftest import config_factory
+
+
+class Crash(Callback):
+    def batch_end(self, state, logger):
+        if int(state.timestamp.batch) == 3:
+            raise RuntimeError("simulated node failure")
+
+
+class Watch(Callback):
+    def fit_start(self, state, logger):
+        self.start_batch = int(state.timestamp.batch)
+
+    def fit_end(self, state, logger):
+        self.end_batch = int(state.timestamp.batch)
+        self.weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
+def test_restart_continues_from_the_latest_checkpoint(make_config, tmp_path, tiny_model_dir, mlflow_uri):
+    from mlflow import MlflowClient
+
+    config = make_config(training_duration="6ba", save_interval="2ba")
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_train(config, callbacks=[Crash()])  # dies after batch 3; the checkpoint of batch 2 is there
+    assert os.readlink(Path(config.checkpoint_dir, "latest-rank0.pt")) == "ep0-ba2-rank0.pt"
+    client = MlflowClient(mlflow_uri)
+    [failed] = client.search_runs(client.get_experiment_by_name(config.experiment_path).experiment_id,
+                                  f"tags.`kubetune.run_uid` = '{config.run_uid}'")
+    assert failed.info.status == "FAILED"
+
+    resumed = Watch()
+    result = run_train(config, callbacks=[resumed])
+    assert (resumed.start_batch, resumed.end_batch) == (2, 6)
+    assert result["mlflow"]["runId"] == failed.info.run_id
+    assert client.get_run(failed.info.run_id).info.status == "FINISHED"
+    checkpoints = sorted(Path(config.checkpoint_dir).iterdir())
+    progress = Path(config.progress_file).read_text()
+    assert run_train(config) == result  # one more retry after the end only reports again
+    assert sorted(Path(config.checkpoint_dir).iterdir()) == checkpoints
+    assert Path(config.progress_file).read_text() == progress
+
+    straight = Watch()
+    fresh = config_factory(tmp_path / "straight", tiny_model_dir, mlflow_uri)
+    run_train(fresh(training_duration="6ba", save_interval="2ba"), callbacks=[straight])
+    assert straight.start_batch == 0
+    for name, tensor in straight.weights.items():
+        torch.testing.assert_close(resumed.weights[name], tensor, msg=name)

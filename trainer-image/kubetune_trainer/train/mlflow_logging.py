@@ -1,0 +1,95 @@
+"""The run's MLflow record: metrics and hyper-parameters (Composer's MLFlowLogger), the run's
+identity (tag `kubetune.run_uid`) and where its checkpoints are, so a later run can find them.
+
+A retried or resumed attempt continues the same MLflow run: Composer's logger resumes the run
+tagged with the Composer run name, which embeds the TrainingRun's uid.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from composer.loggers import MLFlowLogger
+
+from ..config import RunConfig
+
+RUN_UID_TAG = "kubetune.run_uid"
+CHECKPOINT_FOLDER_TAG = "kubetune.checkpoint_folder"
+LATEST_CHECKPOINT_TAG = "kubetune.latest_checkpoint"
+CHECKPOINT_INDEX = "kubetune/checkpoints.json"
+
+
+def composer_run_name(config: RunConfig) -> str:
+    """Stable across attempts (autoresume needs that), unique across re-created runs."""
+    return f"{config.run_name}-{config.run_uid}"
+
+
+def tracking_uri(config: RunConfig) -> str | None:
+    return config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # None: MLflow's default
+
+
+def as_uri(path: str) -> str:
+    return path if "://" in path else Path(path).resolve().as_uri()
+
+
+def mlflow_logger(config: RunConfig, system_metrics: bool) -> MLFlowLogger:
+    tags = {RUN_UID_TAG: config.run_uid, "kubetune.run_name": config.run_name,
+            "kubetune.namespace": config.namespace, CHECKPOINT_FOLDER_TAG: as_uri(config.checkpoint_dir)}
+    return MLFlowLogger(experiment_name=config.experiment_path, run_name=config.run_name,
+                        tracking_uri=tracking_uri(config), tags=tags, resume=True,
+                        log_system_metrics=system_metrics,
+                        # MLflow params are immutable: a retry on another node must not change one
+                        ignore_hyperparameters=["node_name"])
+
+
+def active_run_ids() -> tuple[str, str]:
+    """(experiment id, run id) of the run the logger started (rank 0, after the Trainer's init)."""
+    import mlflow
+
+    info = mlflow.active_run().info
+    return info.experiment_id, info.run_id
+
+
+def hyperparameters(config: RunConfig, context_length: int, world_size: int) -> dict[str, Any]:
+    return {"model": config.model, "task_type": config.task_type.value,
+            "training_duration": config.training_duration, "learning_rate": config.learning_rate,
+            "optimizer": "DecoupledLionW", "betas": "0.99,0.95", "weight_decay": 0.0,
+            "schedule": "linear warmup 2% then linear decay to 0",
+            "global_batch_size": config.global_batch_size,
+            "context_length": context_length, "world_size": world_size, "seed": config.seed,
+            "custom_weights_path": config.custom_weights_path or ""}
+
+
+def mark_failed(run_id: str, uri: str | None) -> None:
+    """Composer's logger ends even a crashed run as FINISHED (mlflow.end_run's default status)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status="FAILED")
+
+
+class CheckpointRecorder:
+    """Records each new checkpoint in the MLflow run: a tag with the latest one and a small JSON
+    artifact listing every checkpoint file by URI and size (references, not copies: they are
+    large and already on shared storage)."""
+
+    def __init__(self, run_id: str, folder: str, uri: str | None):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.folder = MlflowClient(uri), run_id, Path(folder)
+
+    def __call__(self, checkpoint: str) -> None:
+        self.client.set_tag(self.run_id, LATEST_CHECKPOINT_TAG, as_uri(checkpoint))
+        self.client.log_dict(self.run_id, self.index(checkpoint), CHECKPOINT_INDEX)
+
+    def index(self, latest: str) -> dict[str, Any]:
+        entries = sorted(p for p in self.folder.glob("ep*-ba*") if not p.is_symlink())
+        files = [{"uri": as_uri(str(p)), "bytes": size(p)} for p in entries]
+        return {"folder": as_uri(str(self.folder)), "latest": as_uri(latest), "checkpoints": files}
+
+
+def size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size

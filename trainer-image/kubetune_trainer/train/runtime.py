@@ -1,0 +1,58 @@
+"""Where and how the model runs: device, precision, attention kernel, FSDP.
+
+A pure function of the run's `Distributed` settings (plus whether flash-attention is
+installed), so the GPU path is checked by unit tests on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Distributed
+
+FSDP_SETTINGS = {
+    "sharding_strategy": "FULL_SHARD",
+    "mixed_precision": "PURE",  # bf16 params, grads and reductions, as llm-foundry trains
+    "state_dict_type": "sharded",  # each rank writes its shard (.distcp): no full gather on save
+    "activation_checkpointing": True,
+    "limit_all_gathers": True,
+    "use_orig_params": True,
+    "sync_module_states": True,  # ranks other than 0 start from empty (meta) weights
+}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # Composer device: "cpu" (gloo) or "gpu" (NCCL)
+    precision: str  # Composer precision
+    attn_implementation: str  # Hugging Face attention kernel
+    microbatch_size: int | str  # per device; "auto" lets Composer shrink it on CUDA OOM
+    parallelism: dict[str, Any] | None = field(default=None)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.parallelism is not None
+
+    @property
+    def block_mask(self) -> bool:
+        """Whether the collator must build block-diagonal masks (flash-attention 2 needs none)."""
+        return self.attn_implementation != "flash_attention_2"
+
+
+def flash_attention_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def runtime_for(distributed: Distributed, device_batch_size: int, flash_attention: bool) -> Runtime:
+    if distributed.gpus_per_node == 0:
+        return Runtime(device="cpu", precision="fp32", attn_implementation="sdpa",
+                       microbatch_size=device_batch_size)
+    return Runtime(
+        device="gpu",
+        precision="amp_bf16",
+        attn_implementation="flash_attention_2" if flash_attention else "sdpa",
+        microbatch_size="auto",
+        parallelism={"fsdp": dict(FSDP_SETTINGS)} if distributed.fsdp else None,
+    )

@@ -1,0 +1,163 @@
+"""Assembles and runs the Composer Trainer for one `train` step (SPEC §3 steps 3-4).
+
+Every rank runs this; side effects outside Composer (progress, result files, MLflow checkpoint
+records) happen on rank 0 only. Restarted ranks resume from the latest checkpoint (autoresume).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from composer import Evaluator, Trainer
+from composer.callbacks import CheckpointSaver
+from composer.core import Callback
+from composer.utils import dist
+
+from ..config import RunConfig
+from ..errors import UserError
+from .callbacks import CheckpointGenerations, CheckpointWatcher, latest_checkpoint
+from .dataset import data_spec, open_prepared
+from .lion import DecoupledLionW
+from .mlflow_logging import (CheckpointRecorder, active_run_ids, composer_run_name, hyperparameters,
+                             mark_failed, mlflow_logger, tracking_uri)
+from .model import composer_model, load_custom_weights
+from .progress import Progress, write_json_atomically
+from .runtime import Runtime, flash_attention_installed, runtime_for
+from .schedule import WarmupLinearDecay
+
+CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
+LATEST_NAME = "latest-rank{rank}.pt"
+BETAS = (0.99, 0.95)
+EVAL_METRICS = ["LanguageCrossEntropy", "LanguagePerplexity"]
+
+
+@dataclass
+class Assembly:
+    trainer: Trainer
+    runtime: Runtime
+    mlflow_ids: dict[str, str | None]  # filled on rank 0 only
+
+
+def device_batch_size(global_batch_size: int, world_size: int) -> int:
+    if global_batch_size % world_size:
+        raise UserError(f"globalBatchSize {global_batch_size} is not a multiple of the {world_size} "
+                        "training processes", "InvalidBatchSize")
+    return global_batch_size // world_size
+
+
+def metrics_port(config: RunConfig) -> int | None:
+    return config.metrics_port or None  # 0 turns the HTTP endpoint off (progress.json stays)
+
+
+def initial_weights(config: RunConfig, model, runtime: Runtime) -> str | None:
+    """Load customWeightsPath unless autoresume will load this run's own checkpoint anyway.
+    Returns a load path for Composer when FSDP must load it shard-wise itself."""
+    if not config.custom_weights_path or latest_checkpoint(config.checkpoint_dir):
+        return None
+    if runtime.fsdp:
+        return config.custom_weights_path
+    load_custom_weights(model, config.custom_weights_path, config.model)
+    return None
+
+
+def metrics_host() -> str:
+    return os.environ.get("POD_IP") or "0.0.0.0"
+
+
+def checkpoint_callbacks(config: RunConfig, progress: Progress | None) -> tuple[list[Callback], list]:
+    """The saver, then a watcher telling listeners (progress, MLflow) about each new checkpoint."""
+    saver = CheckpointSaver(folder=config.checkpoint_dir, filename=CHECKPOINT_NAME,
+                            latest_filename=LATEST_NAME, save_interval=config.save_interval, overwrite=True)
+    listeners = [progress.set_checkpoint] if progress is not None else []
+    callbacks: list[Callback] = [saver, CheckpointWatcher(saver, listeners)]
+    if progress is not None:
+        callbacks.append(progress)
+    if config.eval_prompts:
+        callbacks.append(CheckpointGenerations(config.eval_prompts, config.save_interval))
+    return callbacks, listeners
+
+
+def dataloaders(config: RunConfig, runtime: Runtime, batch: int) -> tuple[Any, Evaluator | None, int]:
+    """Train DataSpec, eval Evaluator (if eval data) and the context length of the prepared data."""
+    train_split = open_prepared(config.data_dir, "train")
+    eval_split = open_prepared(config.data_dir, "eval") if config.eval_data_path else None
+    spec = dict(block_mask=runtime.block_mask, seed=config.seed)
+    train = data_spec(train_split, batch, shuffle=True, **spec)
+    evaluator = None
+    if eval_split is not None:
+        evaluator = Evaluator(label="eval", dataloader=data_spec(eval_split, batch, shuffle=False, **spec),
+                              metric_names=EVAL_METRICS)
+    return train, evaluator, train_split.context_length
+
+
+def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assembly:
+    world_size, rank_zero = dist.get_world_size(), dist.get_global_rank() == 0
+    batch = device_batch_size(config.global_batch_size, world_size)
+    runtime = runtime_for(config.distributed, batch, flash_attention_installed())
+    train, evaluator, context_length = dataloaders(config, runtime, batch)
+
+    model = composer_model(config.model, runtime, empty=runtime.fsdp and not rank_zero)
+    load_path = initial_weights(config, model, runtime)
+    progress = Progress(config.progress_file, metrics_port(config), metrics_host()) if rank_zero else None
+    callbacks, listeners = checkpoint_callbacks(config, progress)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=train,
+        eval_dataloader=evaluator,
+        eval_interval=config.save_interval if evaluator is not None else 1,  # 1: Composer's "unset"
+        max_duration=config.training_duration,
+        optimizers=DecoupledLionW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0),
+        schedulers=WarmupLinearDecay(),
+        step_schedulers_every_batch=True,
+        callbacks=[*callbacks, *extra_callbacks],
+        loggers=[mlflow_logger(config, system_metrics=runtime.device == "gpu")],
+        run_name=composer_run_name(config),
+        save_folder=config.checkpoint_dir,
+        save_filename=CHECKPOINT_NAME,
+        save_latest_filename=LATEST_NAME,
+        save_overwrite=True,  # a checkpoint written after the one `latest` names may be redone
+        autoresume=True,
+        load_path=load_path,
+        load_weights_only=load_path is not None,
+        seed=config.seed,
+        device=runtime.device,
+        precision=runtime.precision,
+        device_train_microbatch_size=runtime.microbatch_size,
+        parallelism_config=runtime.parallelism,
+        progress_bar=False,
+        log_to_console=True,
+        console_log_interval="10ba",
+    )
+    ids: dict[str, str | None] = {"experimentId": None, "runId": None}
+    if progress is not None:
+        ids["experimentId"], ids["runId"] = active_run_ids()
+        trainer.logger.log_hyperparameters(hyperparameters(config, context_length, world_size))
+        listeners.append(CheckpointRecorder(ids["runId"], config.checkpoint_dir, tracking_uri(config)))
+        progress.set_mlflow(ids["experimentId"], ids["runId"])
+    return Assembly(trainer, runtime, ids)
+
+
+def finished(trainer: Trainer) -> bool:
+    elapsed = trainer.state.get_elapsed_duration()  # after autoresume loaded the latest checkpoint
+    return elapsed is not None and float(elapsed.value) >= 1.0
+
+
+def run_train(config: RunConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """The `train` step: returns (and on rank 0 writes to result/train.json) the result fields."""
+    assembly = build(config, callbacks)
+    try:
+        if not finished(assembly.trainer):  # a retry after the last batch only reports again
+            assembly.trainer.fit()
+    except BaseException:
+        assembly.trainer.close()
+        if assembly.mlflow_ids["runId"]:
+            mark_failed(assembly.mlflow_ids["runId"], tracking_uri(config))
+        raise
+    assembly.trainer.close()
+    result = {"latestCheckpoint": latest_checkpoint(config.checkpoint_dir), "mlflow": assembly.mlflow_ids}
+    if dist.get_global_rank() == 0:
+        write_json_atomically(Path(config.result_dir) / "train.json", result)
+    return result
