@@ -120,8 +120,9 @@ def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
         assert "fieldRef" in env["NODE_RANK"]["valueFrom"]
         assert pod["status"]["phase"] == "Succeeded"
     result = storage_dir / namespace / "two-nodes" / "result"
-    checksums = {json.loads(p.read_text())["checksum"] for p in result.glob("weights-rank*.json")}
-    assert len(list(result.glob("weights-rank*.json"))) == 2 and len(checksums) == 1
+    ranks = [json.loads((result / f"weights-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["initial"]  # both trained, in step
+    assert kubectl.json("get", "trainingrun", "two-nodes", "-n", namespace)["status"]["attempts"] == 1
 
 
 def test_pods_meet_pod_security_restricted_and_the_operator_is_not_admin(

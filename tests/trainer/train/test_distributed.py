@@ -16,6 +16,27 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 REPO = Path(__file__).resolve().parents[3]
 
 
+def launch(config_file: Path, *, nnodes: int, nproc: int, node_rank: int, port: int) -> "Launch":
+    """One pod's command: torchrun with the rendezvous environment the operator sets."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer-image")]),
+           "OMP_NUM_THREADS": "1", "NNODES": str(nnodes), "NPROC_PER_NODE": str(nproc),
+           "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", env["NNODES"],
+               "--nproc-per-node", env["NPROC_PER_NODE"], "--node-rank", env["NODE_RANK"],
+               "--master-addr", env["MASTER_ADDR"], "--master-port", env["MASTER_PORT"],
+               str(WORKER), str(config_file)]
+    return Launch(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+
+class Launch:
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+
+    def communicate(self, timeout: float) -> tuple[subprocess.Popen, str]:
+        _, err = self.process.communicate(timeout=timeout)
+        return self.process, err
+
+
 def test_two_ranks_train_the_same_model(make_config, tmp_path):
     config = make_config(training_duration="1ep", global_batch_size=4, metrics_port=free_port(),
                          distributed=Distributed(procs_per_node=2), eval_data_path="unused",
@@ -23,15 +44,8 @@ def test_two_ranks_train_the_same_model(make_config, tmp_path):
     write_prepared(Path(config.data_dir), "eval", random_rows(4, seed=2))
     config_file = tmp_path / "config.json"
     dump_config(config, config_file)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer-image")]),
-           "OMP_NUM_THREADS": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "NODE_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", env["NNODES"],
-               "--nproc-per-node", env["NPROC_PER_NODE"], "--node-rank", env["NODE_RANK"],
-               "--master-addr", env["MASTER_ADDR"], "--master-port", env["MASTER_PORT"],
-               str(WORKER), str(config_file)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(config_file, nnodes=1, nproc=2, node_rank=0, port=free_port()).communicate(timeout=240)
+    assert done[0].returncode == 0, done[1][-3000:]
 
     result_dir = Path(config.result_dir)
     ranks = [json.loads((result_dir / f"weights-rank{r}.json").read_text()) for r in (0, 1)]
@@ -44,3 +58,26 @@ def test_two_ranks_train_the_same_model(make_config, tmp_path):
     saved = sorted(p.name for p in Path(config.checkpoint_dir).iterdir())
     assert saved == ["ep1-ba4-rank0.pt", "latest-rank0.pt"]
     assert json.loads(Path(config.progress_file).read_text())["batchesDone"] == 4
+
+
+def test_two_nodes_sharing_one_checkpoint_folder_train_then_resume(make_config, tmp_path):
+    """Two "nodes" (two torchrun launches, node ranks 0 and 1) on one shared folder, as two pods
+    on a ReadWriteMany PVC: both start, train the same model, and a relaunch resumes."""
+    config = make_config(training_duration="1ep", global_batch_size=4, metrics_port=free_port(),
+                         distributed=Distributed(nodes=2, procs_per_node=1))
+    config_file = tmp_path / "config.json"
+    dump_config(config, config_file)
+
+    def both_nodes() -> None:
+        port = free_port()
+        nodes = [launch(config_file, nnodes=2, nproc=1, node_rank=r, port=port) for r in (0, 1)]
+        for process, err in (node.communicate(timeout=240) for node in nodes):
+            assert process.returncode == 0, err[-3000:]
+
+    both_nodes()
+    result_dir = Path(config.result_dir)
+    ranks = [json.loads((result_dir / f"weights-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["initial"]
+    first = json.loads((result_dir / "train.json").read_text())["latestCheckpoint"]
+    both_nodes()  # a retry after the end: both nodes load the shared checkpoint and just report
+    assert json.loads((result_dir / "train.json").read_text())["latestCheckpoint"] == first

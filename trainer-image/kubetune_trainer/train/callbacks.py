@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from composer.callbacks import CheckpointSaver, Generate
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -71,3 +74,32 @@ class CheckpointGenerations(Generate):
 
     def generate(self, state: State, logger: Logger):
         super().generate(state, _BatchColumn(logger, int(state.timestamp.batch)))  # type: ignore[arg-type]
+
+
+def weights_digest(model) -> str:
+    """A digest of every parameter and buffer: equal on all ranks iff they hold the same model."""
+    sha = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+class WeightsDigest(Callback):
+    """Each rank records `result/weights-rank{r}.json` {initial, final, batches}, so data-parallel
+    ranks that drifted apart (a broken all-reduce, a mismatched rank) are visible after the run."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.initial: str | None = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.initial = weights_digest(state.model)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        from composer.utils import dist
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        document = {"initial": self.initial, "final": weights_digest(state.model),
+                    "batches": int(state.timestamp.batch)}
+        (self.folder / f"weights-rank{dist.get_global_rank()}.json").write_text(json.dumps(document))

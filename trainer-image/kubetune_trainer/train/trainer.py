@@ -18,7 +18,7 @@ from composer.utils import dist
 
 from ..config import RunConfig
 from ..errors import UserError
-from .callbacks import CheckpointGenerations, CheckpointWatcher, latest_checkpoint
+from .callbacks import CheckpointGenerations, CheckpointWatcher, WeightsDigest, latest_checkpoint
 from .dataset import data_spec, open_prepared
 from .lion import DecoupledLionW
 from .mlflow_logging import (CheckpointRecorder, active_run_ids, composer_run_name, hyperparameters,
@@ -53,7 +53,7 @@ def metrics_port(config: RunConfig) -> int | None:
 
 
 def initial_weights(config: RunConfig, model, runtime: Runtime) -> str | None:
-    """Load customWeightsPath unless autoresume will load this run's own checkpoint anyway.
+    """Load customWeightsPath unless this run resumes from its own checkpoint anyway.
     Returns a load path for Composer when FSDP must load it shard-wise itself."""
     if not config.custom_weights_path or latest_checkpoint(config.checkpoint_dir):
         return None
@@ -100,9 +100,15 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
     train, evaluator, context_length = dataloaders(config, runtime, batch)
 
     model = composer_model(config.model, runtime, empty=runtime.fsdp and not rank_zero)
-    load_path = initial_weights(config, model, runtime)
+    # Resume from this run's own `latest` checkpoint on the shared storage, else start from the
+    # custom weights. Not Composer's `autoresume`: its per-node signal files collide when the
+    # nodes share one checkpoint folder (a ReadWriteMany PVC), failing every multi-node start.
+    resume = latest_checkpoint(config.checkpoint_dir)
+    load_path = resume or initial_weights(config, model, runtime)
     progress = Progress(config.progress_file, metrics_port(config), metrics_host()) if rank_zero else None
     callbacks, listeners = checkpoint_callbacks(config, progress)
+    if not runtime.fsdp:  # sharded ranks hold different shards: nothing to compare
+        callbacks.append(WeightsDigest(Path(config.result_dir)))
     trainer = Trainer(
         model=model,
         train_dataloader=train,
@@ -119,9 +125,9 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
         save_filename=CHECKPOINT_NAME,
         save_latest_filename=LATEST_NAME,
         save_overwrite=True,  # a checkpoint written after the one `latest` names may be redone
-        autoresume=True,
+        autoresume=False,
         load_path=load_path,
-        load_weights_only=load_path is not None,
+        load_weights_only=resume is None and load_path is not None,
         seed=config.seed,
         device=runtime.device,
         precision=runtime.precision,
