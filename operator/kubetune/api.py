@@ -746,19 +746,19 @@ def _describe(detail: Any) -> str:
     return message
 
 
-def _plain(value: Any) -> Any:
-    """Mappings and lists as plain dicts and lists (kopf hands out read-only views)."""
+def plain(value: Any) -> Any:
+    """A deep, mutable copy of JSON-like data as dicts and lists (kopf hands out read-only views)."""
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     return value
 
 
 def parse_training_run(body: Mapping[str, Any]) -> TrainingRun:
     """A TrainingRun from its Kubernetes body; SpecError naming every bad field otherwise."""
     try:
-        return TrainingRun.model_validate(_plain(body))
+        return TrainingRun.model_validate(plain(body))
     except ValidationError as error:
         raise SpecError.from_validation_error(error) from None
 
@@ -766,6 +766,6 @@ def parse_training_run(body: Mapping[str, Any]) -> TrainingRun:
 def parse_spec(spec: Mapping[str, Any]) -> TrainingRunSpec:
     """Just the spec (the SDK builds one before the resource exists); errors say `spec.<field>`."""
     try:
-        return TrainingRunSpec.model_validate(_plain(spec))
+        return TrainingRunSpec.model_validate(plain(spec))
     except ValidationError as error:
         raise SpecError.from_validation_error(error, prefix=("spec",)) from None

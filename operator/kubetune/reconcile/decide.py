@@ -32,6 +32,7 @@ from ..api import (
     SpecError,
     TrainingRun,
     parse_training_run,
+    plain,
 )
 from ..manifests import (
     BuildContext,
@@ -127,7 +128,7 @@ class _World:
 def decide(body: Mapping[str, Any], observed: Observed, now: datetime,
            settings: OperatorSettings) -> Plan:
     """The plan for a TrainingRun `body` (the resource as the API returns it) given `observed`."""
-    old = _plain(body.get("status") or {})
+    old = plain(body.get("status") or {})
     metadata = body.get("metadata") or {}
     if old.get("phase") in {p.value for p in TERMINAL}:
         return _settled(body, old, observed, now)
@@ -438,11 +439,3 @@ def _settled(body: Mapping[str, Any], old: Mapping[str, Any], observed: Observed
 def _short(message: str) -> str:
     return message if len(message) <= MAX_EVENT_MESSAGE else message[: MAX_EVENT_MESSAGE - 3] + "..."
 
-
-def _plain(value: Any) -> Any:
-    """A deep, mutable copy of JSON-like data (kopf hands out read-only views)."""
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
