@@ -38,10 +38,12 @@ def scrape(url: str | None, timeout: float = 2.0) -> dict[str, Any] | None:
         return None
 
 
-def observe_run(cluster: Cluster, namespace: str, name: str, settings: OperatorSettings) -> Observed:
+def observe_run(cluster: Cluster, namespace: str, name: str, settings: OperatorSettings,
+                finished: bool) -> Observed:
     children = cluster.children(namespace, name)
     observed = observe(**children)
-    progress = scrape(progress_url(observed, settings))
+    # A finished run is still observed (leftover children get cleaned up) but not scraped.
+    progress = None if finished else scrape(progress_url(observed, settings))
     return observe(**children, progress=progress) if progress else observed
 
 
@@ -66,8 +68,7 @@ def reconcile(cluster: Cluster, namespace: str, name: str, settings: OperatorSet
         return None
     phase = (run.get("status") or {}).get("phase")
     finished = phase in {p.value for p in TERMINAL}
-    # A finished run has nothing to observe; only its TTL can still matter.
-    observed = Observed() if finished else observe_run(cluster, namespace, name, settings)
+    observed = observe_run(cluster, namespace, name, settings, finished)
     now = datetime.now(timezone.utc)
     plan = decide(run, observed, now, settings)
     apply(cluster, run, plan, now)
