@@ -88,5 +88,6 @@ def resolve_config(run: TrainingRun, settings: OperatorSettings) -> RunConfig:
         register_to=run.register_name(),
         distributed=distributed(run),
         prep_workers=spec.data_prep.parallelism,
+        validate_inputs=spec.validate_inputs,
         metrics_port=settings.metrics_port,
     )

@@ -61,6 +61,7 @@ class RunConfig(Strict):
     register_to: str  # full registered model name: catalog.schema.name
 
     distributed: Distributed = Field(default_factory=Distributed)
+    validate_inputs: bool = True  # pre-flight checks of inputs later steps read (customWeightsPath)
     prep_workers: int = 1
     max_reported_errors: int = 20
     metrics_port: int = 9400  # rank 0 serves progress here (Prometheus text format)

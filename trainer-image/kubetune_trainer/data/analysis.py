@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import RunConfig, TaskType
 from ..errors import UserError
+from ..inputs import check_custom_weights
 from .encoding import TemplateRefused, encode, truncate
 from .modelinfo import check_chat_template, load_tokenizer, model_max_context, resolve_context_length
 from .packing import Sample, pack, packing_efficiency
@@ -114,6 +115,8 @@ def analyze_split(config: RunConfig, split: str, uri: str, tokenizer: Any,
 
 def run_analysis(config: RunConfig) -> Analysis:
     """Everything but the writing; raises PrepFailed (a DataValidationFailed) on bad records."""
+    if config.validate_inputs:
+        check_custom_weights(config.custom_weights_path)
     tokenizer = load_tokenizer(config.model)
     check_chat_template(config, tokenizer)
     context_length = resolve_context_length(config.context_length, model_max_context(config.model, tokenizer))
