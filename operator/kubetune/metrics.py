@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -16,9 +18,16 @@ RUN_PHASE = Gauge("kubetune_trainingrun_phase_info", "1 for the current phase of
                   ["namespace", "name", "phase"], registry=REGISTRY)
 
 
+_PHASES: dict[tuple[str, str], str] = {}  # (namespace, name) -> phase, of the runs seen alive
+_PHASES_LOCK = threading.Lock()
+
+
 def record_phase(namespace: str, name: str, phase: str, all_phases: list[str]) -> None:
     for candidate in all_phases:
         RUN_PHASE.labels(namespace, name, candidate).set(1 if candidate == phase else 0)
+    with _PHASES_LOCK:
+        _PHASES[(namespace, name)] = phase
+        recount(_PHASES, all_phases)
 
 
 def forget_run(namespace: str, name: str, all_phases: list[str]) -> None:
@@ -27,6 +36,9 @@ def forget_run(namespace: str, name: str, all_phases: list[str]) -> None:
             RUN_PHASE.remove(namespace, name, candidate)
         except KeyError:
             pass
+    with _PHASES_LOCK:
+        _PHASES.pop((namespace, name), None)
+        recount(_PHASES, all_phases)
 
 
 def recount(phases_by_run: dict[tuple[str, str], str], all_phases: list[str]) -> None:

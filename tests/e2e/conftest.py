@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -158,3 +159,41 @@ def wait_phase(kubectl, namespace: str, name: str, phases: set[str], timeout: fl
     tail = operator.log_tail() if operator else ""
     raise TimeoutError(f"{name} never reached {phases}; status: {json.dumps(status)[:3000]}\n"
                        f"operator log:\n{tail}")
+
+
+# --- helpers for the control and operator-process tests ----------------------------------------
+
+LEASE_NAME = "kubetune-operator"  # the operator's default Lease, in OPERATOR_NAMESPACE
+HOLDS_LEASE = re.compile(r"leader election: (\S+) holds lease")
+
+
+def lease_holder(kubectl) -> str | None:
+    lease = kubectl.json("get", "lease", LEASE_NAME, "-n", OPERATOR_NAMESPACE)
+    return lease["spec"].get("holderIdentity")
+
+
+def leader_identity(process: OperatorProcess, since: int = 0) -> str | None:
+    """The identity a process logged on winning the Lease after byte `since` of its log."""
+    text = process.log.read_bytes()[since:].decode(errors="replace") if process.log.exists() else ""
+    found = list(HOLDS_LEASE.finditer(text))
+    return found[-1][1] if found and "watching" in text[found[-1].end():] else None
+
+
+def log_size(process: OperatorProcess) -> int:
+    return process.log.stat().st_size if process.log.exists() else 0
+
+
+def wait_leading(process: OperatorProcess, since: int, wait_for, timeout: float = 60) -> str:
+    """Wait until `process` won the Lease and started watching; its identity."""
+    def leading():
+        assert process.process.poll() is None, f"the operator exited:\n{process.log_tail()}"
+        return leader_identity(process, since)
+    return wait_for(leading, timeout, "the operator to win the Lease", interval=0.5)
+
+
+def restart_operator(process: OperatorProcess, wait_for, timeout: float = 60) -> str:
+    """SIGKILL the operator and start it again with the same env; its new identity once leading."""
+    process.kill()
+    since = log_size(process)
+    process.start()
+    return wait_leading(process, since, wait_for, timeout)

@@ -90,3 +90,8 @@ def register(settings: OperatorSettings, interval: float) -> None:
             raise kopf.TemporaryError(str(error), delay=interval) from error
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, when=lambda type, **_: type == "DELETED")
+    def forget_deleted(namespace: str, name: str, **_: Any) -> None:
+        # The timer stops with its object, so no reconcile sees a run gone: drop its metrics here.
+        metrics.forget_run(namespace, name, ALL_PHASES)

@@ -95,12 +95,21 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
     kopf.on.startup()(configure_kopf)
     handlers.register(settings, options.interval)
     log.info("kubetune operator: watching %s", ", ".join(options.namespaces) or "all namespaces")
-    asyncio.run(kopf.operator(
-        standalone=True,  # leader election above replaces kopf's peering
-        clusterwide=not options.namespaces,
-        namespaces=list(options.namespaces),
-        stop_flag=kopf_stop,
-        memo=kopf.Memo(cluster=Cluster()),
-    ))
+
+    async def run_kopf() -> None:
+        try:
+            await kopf.operator(
+                standalone=True,  # leader election above replaces kopf's peering
+                clusterwide=not options.namespaces,
+                namespaces=list(options.namespaces),
+                stop_flag=kopf_stop,
+                memo=kopf.Memo(cluster=Cluster()),
+            )
+        finally:
+            # kopf waits for a threading stop flag in an executor thread; when it stopped for
+            # another reason (SIGTERM), that thread would block asyncio.run's exit forever.
+            kopf_stop.set()
+
+    asyncio.run(run_kopf())
     stop.set()
     return 1 if elector is not None and elector.lost.is_set() else 0
