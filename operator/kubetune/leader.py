@@ -109,6 +109,21 @@ class LeaseElector:
             stop.wait(self.retry_s)
         return False
 
+    def release(self) -> None:
+        """On a clean shutdown: hand the lease back so a successor need not wait it out."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            current = self.api.read_namespaced_lease(self.name, self.namespace)
+            if current.spec.holder_identity != self.me:
+                return
+            now = dt.datetime.now(dt.timezone.utc)
+            released = LeaseState(None, now, 1, current.spec.lease_transitions or 0)
+            body = lease_body(self.name, released, current.metadata.resource_version)
+            self.api.replace_namespaced_lease(self.name, self.namespace, body)
+        except ApiException as error:  # best effort: the lease still expires on its own
+            log.warning("leader election: could not release the lease: %s", error.reason)
+
     def keep_renewing(self, stop: threading.Event) -> None:
         """Renew every third of the lease; give up (set `lost`) before another replica may take it."""
         deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.duration_s)

@@ -46,6 +46,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -468,6 +469,7 @@ class NodeAgent:
 
     def _spawn(self, run: PodRun, c: dict, state: ContainerState) -> None:
         argv, env, cwd = self._process_spec(run, c)
+        env = {**env, CONTAINER_MARK: container_mark(run, c["name"])}
         with open(run.dir / "logs" / f"{c['name']}.log", "ab") as out:
             try:
                 proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -536,6 +538,7 @@ class NodeAgent:
             if proc.poll() is None:
                 continue
             signal_group(proc.pid, signal.SIGKILL)   # what the container left behind dies with it
+            signal_marked(container_mark(run, name), signal.SIGKILL)
             del run.procs[name]
             code = exit_code_of(proc.returncode)
             term = run.dir / "containers" / name / "termination-log"
@@ -645,9 +648,28 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
+# A cgroup stand-in: every process a container starts inherits this variable, even those that
+# leave its process group (torchrun starts its workers in sessions of their own).
+CONTAINER_MARK = "KUBETUNE_NODE_AGENT_CONTAINER"
+
+
+def container_mark(run: PodRun, container: str) -> str:
+    return f"{run.dir.name}/{container}"
+
+
+def signal_marked(mark: str, sig: int) -> None:
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(CONTAINER_MARK) == mark:
+                process.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
 def kill_all(run: PodRun, sig: int) -> None:
-    for proc in list(run.procs.values()):
+    for name, proc in list(run.procs.items()):
         signal_group(proc.pid, sig)
+        signal_marked(container_mark(run, name), sig)
         if sig == signal.SIGKILL:
             proc.wait()
 

@@ -52,3 +52,58 @@ def test_never_two_live_holders(attempts):
         if wanted is not None and lease is not None and wanted.holder != lease.holder:
             assert expired(lease, now)
         lease = wanted or lease
+
+
+class MemoryLeases:
+    """The Lease API's semantics that the elector relies on: 404, 409, resourceVersion checks."""
+
+    def __init__(self):
+        self.lease, self.version = None, 0
+
+    def _stored(self, body):
+        from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
+
+        spec = body["spec"]
+        renewed = dt.datetime.strptime(spec["renewTime"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+        self.version += 1
+        self.lease = V1Lease(metadata=V1ObjectMeta(name=body["metadata"]["name"], resource_version=str(self.version)),
+                             spec=V1LeaseSpec(holder_identity=spec["holderIdentity"], renew_time=renewed,
+                                              lease_duration_seconds=spec["leaseDurationSeconds"],
+                                              lease_transitions=spec["leaseTransitions"]))
+
+    def read_namespaced_lease(self, name, namespace):
+        from kubernetes.client.exceptions import ApiException
+
+        if self.lease is None:
+            raise ApiException(status=404)
+        return self.lease
+
+    def create_namespaced_lease(self, namespace, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if self.lease is not None:
+            raise ApiException(status=409)
+        self._stored(body)
+
+    def replace_namespaced_lease(self, name, namespace, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if body["metadata"].get("resourceVersion") != self.lease.metadata.resource_version:
+            raise ApiException(status=409)
+        self._stored(body)
+
+
+def test_elector_holds_refuses_a_rival_and_releases_on_shutdown():
+    from kubetune.leader import LeaseElector
+
+    api = MemoryLeases()
+    first = LeaseElector(api, "ops", "kubetune", "first", duration_s=15)
+    second = LeaseElector(api, "ops", "kubetune", "second", duration_s=15)
+    assert first.try_acquire() and not second.try_acquire()
+    assert first.try_acquire()  # renewal
+    second.release()  # not the holder: changes nothing
+    assert api.lease.spec.holder_identity == "first"
+    first.release()
+    assert api.lease.spec.holder_identity is None
+    assert second.try_acquire() and api.lease.spec.holder_identity == "second"
+    assert api.lease.spec.lease_transitions == 1

@@ -215,7 +215,7 @@ def test_prep_pod_crash_without_result_reports_the_log_tail() -> None:
                   pods=(pod("Failed", exit_code=137, message="OOMKilled"),))
     _, b = run(b, world(prep=crashed))
     assert condition(b, "Failed")["reason"] == "DataPreparationFailed"
-    assert condition(b, "Failed")["message"] == "OOMKilled"
+    assert condition(b, "Failed")["message"] == "pod p0 exited with code 137: OOMKilled"
 
 
 def test_prep_retrying_inside_its_job_is_still_preparing() -> None:
@@ -278,13 +278,24 @@ def test_one_failed_rank_fails_the_attempt_before_the_job_says_so() -> None:
 
 
 def test_permanent_training_failure_is_not_retried() -> None:
-    b = training_body()
-    plan, b = run(b, _training(failed(Component.TRAIN, 2, "InvalidInput", attempt=1)))
+    b = training_body(resources={"nodes": 2}, globalBatchSize=16)
+    ranks = (pod(index=0), pod("Failed", index=1, exit_code=2,
+                               result={"ok": False, "reason": "InvalidInput", "permanent": True}))
+    plan, b = run(b, _training(job(Component.TRAIN, 1, active=1, completions=2, pods=ranks)))
     assert b["status"]["phase"] == "Failed"
     assert condition(b, "Failed")["reason"] == "InvalidInput"
     assert created(plan) == []
-    assert deleted(plan) == ["demo-train-1"]  # its other ranks may still run
+    assert deleted(plan) == ["demo-train-1"]  # its other rank still runs: stop it
     assert b["status"]["attempts"] == 1
+
+
+def test_a_permanently_failed_job_with_nothing_running_is_kept_for_its_logs() -> None:
+    """Before the Job controller marks it Failed, the Job is already over: deleting it would
+    take the pod, and its log with the full data-validation report, with it."""
+    _, b = run(body(), Observed())
+    plan, b = run(b, world(prep=failed(Component.PREP, 2, "DataValidationFailed")))
+    assert condition(b, "Failed")["reason"] == "DataValidationFailed"
+    assert deleted(plan) == []
 
 
 def test_backoff_limit_exceeded() -> None:

@@ -112,4 +112,6 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
 
     asyncio.run(run_kopf())
     stop.set()
+    if elector is not None and not elector.lost.is_set():
+        elector.release()  # a rolling update's next replica leads at once, not after the lease
     return 1 if elector is not None and elector.lost.is_set() else 0

@@ -68,6 +68,7 @@ from .status import (
 ACTIVE_PHASES = frozenset({Phase.PREPARING_DATA, Phase.TRAINING, Phase.REGISTERING})
 WAIT_SECONDS = 5.0  # re-check soon while a deleted child is still going away
 MAX_EVENT_MESSAGE = 1024
+RETRY_DETAIL = 400  # characters of the failure detail kept in a RETRYING event
 
 
 @dataclass
@@ -263,9 +264,10 @@ def _retry_or_fail(world: _World, draft: _Draft, job: JobState, attempt: int) ->
                    f"the last: {failure.reason}: {failure.message}")
         return None
     draft.remove(job, world.namespace)
+    # What happens next first: the detail (often a log tail) is cut, never the summary.
     draft.notes[EventType.RETRYING] = (
-        f"attempt {attempt} failed ({failure.reason}: {failure.message}); restarting all ranks "
-        f"from the latest checkpoint as attempt {attempt + 1} of {limit + 1}")
+        f"attempt {attempt} failed, restarting all ranks from the latest checkpoint as attempt "
+        f"{attempt + 1} of {limit + 1}: {failure.reason}: {_tail(failure.message, RETRY_DETAIL)}")
     return attempt + 1
 
 
@@ -434,6 +436,11 @@ def _settled(body: Mapping[str, Any], old: Mapping[str, Any], observed: Observed
         return Plan(delete=delete)
     left = ttl - (now - finished).total_seconds()
     return Plan(delete=delete, delete_run=left <= 0, requeue_after=left if left > 0 else None)
+
+
+def _tail(message: str, size: int) -> str:
+    """The end of a long message: where a log tail says what went wrong."""
+    return message if len(message) <= size else "..." + message[-(size - 3):]
 
 
 def _short(message: str) -> str:

@@ -75,8 +75,11 @@ class JobState:
 
     @property
     def settled(self) -> bool:
-        """Finished either way: nothing of it runs any more, no need to delete it to stop it."""
-        return self.done or self.failed_reason is not None
+        """Finished either way: nothing of it runs any more, no need to delete it to stop it.
+        A permanently failed pod with nothing else running counts before the Job controller
+        marks the Job Failed, so the pod (and its log with the full report) is kept."""
+        stopped_for_good = self.active == 0 and any(p.failed and p.permanent for p in self.pods)
+        return self.done or self.failed_reason is not None or stopped_for_good
 
     def result(self) -> Mapping[str, Any]:
         """The step's result: rank 0's when it reported one, else any successful pod's."""
@@ -101,9 +104,16 @@ def job_failure(job: JobState, default_reason: str) -> Failure:
     if failed:
         pod = failed[0]
         reason = (pod.result or {}).get("reason") or default_reason
-        message = (pod.result or {}).get("message") or pod.message or f"pod {pod.name} failed"
+        message = (pod.result or {}).get("message") or _exit_message(pod)
         return Failure(str(reason), str(message), pod.permanent)
     return Failure(default_reason, job.failed_message or f"Job {job.name} failed", False)
+
+
+def _exit_message(pod: PodState) -> str:
+    """A pod that died without a result: its exit code, then the end of its log."""
+    code = f"pod {pod.name} exited with code {pod.exit_code}" if pod.exit_code is not None \
+        else f"pod {pod.name} failed"
+    return f"{code}: {pod.message}" if pod.message else code
 
 
 @dataclass(frozen=True)
