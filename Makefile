@@ -8,7 +8,8 @@ CACHE ?= $(or $(KUBETUNE_CACHE),$(HOME)/.cache/kubetune)
 ENV_KEY := $(shell (cat constraints.txt; $(PYTHON_BASE) --version 2>&1) | sha256sum | cut -c1-12)
 VENV ?= $(CACHE)/venv-$(ENV_KEY)
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Per checkout: the editable install points at one checkout, so a new clone reinstalls it.
+STAMP := $(VENV)/.installed-$(shell pwd | sha256sum | cut -c1-12)
 PYTEST := $(PY) -m pytest
 DEMO_DIR ?= demo
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -c constraints.txt -e ".[trainer,dev]"
-	@touch $(STAMP)
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 	@ln -sfn $(VENV) .venv
 
 # The quick start: a tiny model built locally, then the whole lifecycle as local processes.

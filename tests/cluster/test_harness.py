@@ -192,18 +192,18 @@ def test_pods_finish_across_an_api_server_restart(cluster, kubectl, namespace, p
 def test_init_containers_run_first_and_on_failure_restarts(kubectl, namespace, python, wait_for):
     init = container(python, "init", """
         import os
-        open("/work/order", "a").write("init ")
+        open("/kt-scratch/order", "a").write("init ")
     """)
     # Fails on its first run, succeeds once restarted: state lives in the shared emptyDir.
     main = container(python, "main", """
         import os, sys
-        first = not os.path.exists("/work/tried")
-        open("/work/tried", "w").close()
-        open("/work/order", "a").write("main ")
-        open(os.environ["KUBETUNE_TERMINATION_LOG"], "w").write(open("/work/order").read().strip())
+        first = not os.path.exists("/kt-scratch/tried")
+        open("/kt-scratch/tried", "w").close()
+        open("/kt-scratch/order", "a").write("main ")
+        open(os.environ["KUBETUNE_TERMINATION_LOG"], "w").write(open("/kt-scratch/order").read().strip())
         sys.exit(1 if first else 0)
     """)
-    mount = [{"name": "work", "mountPath": "/work"}]
+    mount = [{"name": "work", "mountPath": "/kt-scratch"}]
     init["volumeMounts"] = main["volumeMounts"] = mount
     apply(kubectl, namespace, pod("retry", main, restartPolicy="OnFailure", initContainers=[init],
                                   volumes=[{"name": "work", "emptyDir": {}}]))
