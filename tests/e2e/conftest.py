@@ -33,6 +33,16 @@ def pytest_configure(config):
             config.pluginmanager.import_plugin(plugin)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """A failed e2e test shows what the operator logged, not only what the cluster holds."""
+    outcome = yield
+    report = outcome.get_result()
+    operator = getattr(item, "funcargs", {}).get("operator")
+    if report.when == "call" and report.failed and isinstance(operator, OperatorProcess):
+        report.sections.append(("kubetune operator log", operator.log_tail()))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -63,6 +63,10 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.networking.request_timeout = 30
+    # A run deleted by its own reconcile (ttlSecondsAfterFinished) finds its timer still running;
+    # kopf would wait 60 s before looking again and only then release its finalizer.
+    settings.background.instant_exit_timeout = 5
+    settings.background.cancellation_polling = 1
 
 
 def elect(options: RuntimeOptions, stop: threading.Event):
