@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ("tests.support.object_store",)  # s3_store / s3_env: a real S3 endpoint (moto)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from kubetune_trainer.config import RunConfig
+from kubetune_trainer.config import RunConfig, is_object_store
+from kubetune_trainer.storage import SCRATCH_ENV, stage_dir
 
 from .api import TERMINAL, Phase
 from .manifests import COMPLETION_INDEX_ANNOTATION, LABEL_ATTEMPT, LABEL_COMPONENT, Component
@@ -124,7 +125,13 @@ def container_env(container: Mapping[str, Any], pod_name: str, index: int, names
     env.pop("HF_HOME", None)
     if "MASTER_ADDR" in env:
         env["MASTER_ADDR"] = "127.0.0.1"  # every "node" is this machine
+    if SCRATCH_ENV in env:  # an object-store work_dir: stage beside the run, not in the shared /tmp
+        env[SCRATCH_ENV] = str(stage_base(config_dir.parent))
     return env
+
+
+def stage_base(workdir: Path) -> Path:
+    return workdir / "stage"
 
 
 # --- processes standing for pods ------------------------------------------------------------
@@ -266,13 +273,19 @@ class LocalRun:
         return RunConfig.model_validate_json(path.read_text()) if path.exists() else None
 
     def progress(self, config: RunConfig | None) -> dict[str, Any] | None:
-        path = Path(config.progress_file) if config else None
+        path = self.progress_file(config) if config else None
         if path is None or not path.exists():
             return None
         try:
             return json.loads(path.read_text())
         except ValueError:  # caught mid-write by a non-atomic writer: next tick
             return None
+
+    def progress_file(self, config: RunConfig) -> Path:
+        """Rank 0 writes progress into its working copy: the work_dir, or its staging copy."""
+        if not is_object_store(config.work_dir):
+            return Path(config.progress_file)
+        return stage_dir(config.work_dir, str(stage_base(self.workdir))) / "result" / "progress.json"
 
     def observed(self) -> Observed:
         live = [job.state() for job in self.jobs.values() if not job.deleted]

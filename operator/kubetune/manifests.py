@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from kubetune_trainer.config import RunConfig
+from kubetune_trainer.config import RunConfig, is_object_store
 
 from .api import API_VERSION, GROUP, KIND, TrainingRun
 from .resolve import storage_claim
@@ -202,6 +202,9 @@ def _base_env(ctx: BuildContext) -> list[dict[str, Any]]:
         # One hub download per model on the shared volume, not one per pod and attempt.
         cache = f"{ctx.settings.storage_mount_path}/.cache/huggingface"
         env.append({"name": "HF_HOME", "value": cache})
+    elif is_object_store(ctx.config.work_dir):
+        # Steps work on a local copy of the object-store work_dir, in the pod's /tmp emptyDir.
+        env.append({"name": "KUBETUNE_SCRATCH_DIR", "value": "/tmp/kubetune-stage"})
     return env
 
 

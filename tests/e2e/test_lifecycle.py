@@ -138,3 +138,30 @@ def test_pods_meet_pod_security_restricted_and_the_operator_is_not_admin(
     assert can("create", "jobs.batch") and can("patch", "trainingruns.kubetune.dev/status")
     assert not can("get", "secrets") and not can("create", "pods") and not can("delete", "namespaces")
     assert not can("update", "jobs.batch")
+
+
+def test_a_run_with_object_store_storage_keeps_its_files_in_the_bucket_and_its_secret_referenced(
+        operator, kubectl, namespace, tiny_model_dir, mlflow_server, s3_store):
+    """storage.uri on S3, credentials in a Secret that the pods reference: the run succeeds, the
+    bucket holds data, checkpoints and the model, and no credential reaches status or config."""
+    name, prefix = "run-on-s3", f"e2e/{namespace}"
+    secret_key = "s3cr3t-" + namespace[-6:]
+    env = {**s3_store.env, "AWS_SECRET_ACCESS_KEY": secret_key}  # moto accepts any key
+    apply(kubectl, [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bucket", "namespace": namespace},
+                     "stringData": env}])
+    spec = small_spec(tiny_model_dir, "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+                      registerTo="main.e2e.on_s3", storage={"uri": s3_store.uri(prefix)},
+                      secrets={"objectStore": {"name": "bucket"}})
+    apply(kubectl, [{**trainingrun(name, spec), "metadata": {"name": name, "namespace": namespace}}])
+    run = wait_phase(kubectl, namespace, name, {"Succeeded", "Failed"}, RUN_TIMEOUT, operator)
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"])[:3000]
+
+    work = f"{prefix}/{namespace}/{name}"
+    keys = s3_store.keys(work)
+    for expected in ("data/_SUCCESS", "checkpoints/latest-rank0.pt.symlink", "hf/model.safetensors",
+                     "result/train.json"):
+        assert expected in keys, (expected, keys)
+    assert run["status"]["latestCheckpoint"].startswith(s3_store.uri(f"{work}/checkpoints/"))
+    assert len(registered_versions(mlflow_server, "main.e2e.on_s3")) == 1
+    seen = json.dumps(run) + kubectl("get", "configmaps,events", "-n", namespace, "-o", "json").stdout
+    assert secret_key not in seen

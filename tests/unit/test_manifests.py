@@ -262,6 +262,16 @@ def test_object_store_storage_mounts_no_volume() -> None:
     pod = m.build_train_job(ctx)["spec"]["template"]["spec"]
     assert "storage" not in {v["name"] for v in pod["volumes"]}
     assert "HF_HOME" not in _env(pod["containers"][0])
+    # Every step stages its files in the pod's /tmp emptyDir.
+    for job in (m.build_prep_job(ctx), m.build_train_job(ctx), m.build_finalize_job(ctx)):
+        spec = job["spec"]["template"]["spec"]
+        assert _env(spec["containers"][0])["KUBETUNE_SCRATCH_DIR"] == "/tmp/kubetune-stage"
+        assert {"name": "tmp", "emptyDir": {}} in spec["volumes"]
+
+
+def test_mounted_storage_needs_no_staging() -> None:
+    pod = m.build_train_job(_context(CPU_RUN))["spec"]["template"]["spec"]
+    assert "KUBETUNE_SCRATCH_DIR" not in _env(pod["containers"][0])
 
 
 def test_config_map_is_the_resolved_config() -> None:

@@ -15,6 +15,7 @@ from typing import Callable
 from .config import RunConfig, load_config
 from .errors import StepError, UserError
 from .results import EXIT_OK, EXIT_RETRYABLE, exit_code, failure, write_result
+from .storage import staged
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -51,7 +52,8 @@ def run_step(step: str, config_path: str) -> int:
     except (OSError, ValueError) as error:
         return report(step, UserError(f"config {config_path}: {first_line(error)}", "InvalidConfig"))
     try:
-        fields = step_function(step)(config)
+        with staged(step, config) as (local, publish):  # a no-op unless work_dir is an object store
+            fields = publish(step_function(step)(local))
     except StepError as error:
         return report(step, error)
     except KeyboardInterrupt:

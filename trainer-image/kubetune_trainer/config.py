@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 DEFAULT_MAX_CONTEXT = 8192
 
 
+def is_object_store(uri: str) -> bool:
+    """An object-store URI (s3://...); `file://` and plain paths are mounted storage, used in place."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 class TaskType(str, Enum):
     INSTRUCTION_FINETUNE = "INSTRUCTION_FINETUNE"
     CHAT_COMPLETION = "CHAT_COMPLETION"
@@ -56,6 +61,9 @@ class RunConfig(Strict):
     save_interval: str = "1ep"  # Composer time string; a final checkpoint is always saved
 
     work_dir: str  # this run's storage root: data/, checkpoints/, hf/, result/
+    # Set in-process by the storage layer while a step runs on a local staging copy of an
+    # object-store work_dir: the URI that copy mirrors (see storage.py). Never serialized.
+    remote_work_dir: str | None = Field(default=None, exclude=True)
     mlflow_tracking_uri: str | None = None  # None: the MLFLOW_TRACKING_URI env var, else ./mlruns
     experiment_path: str
     register_to: str  # full registered model name: catalog.schema.name
@@ -69,6 +77,12 @@ class RunConfig(Strict):
     # Storage layout under work_dir, the same for every step.
     def path(self, *parts: str) -> str:
         return "/".join([self.work_dir.rstrip("/"), *parts])
+
+    def storage_uri(self, path: str) -> str:
+        """Where `path` (under work_dir) lives for readers outside this pod: status, MLflow."""
+        if self.remote_work_dir and path.startswith(self.work_dir):
+            return self.remote_work_dir.rstrip("/") + path[len(self.work_dir.rstrip("/")):]
+        return path if "://" in path else Path(path).resolve().as_uri()
 
     @property
     def data_dir(self) -> str:

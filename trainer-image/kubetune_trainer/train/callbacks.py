@@ -11,6 +11,10 @@ import torch
 from composer.callbacks import CheckpointSaver, Generate
 from composer.core import Callback, State
 from composer.loggers import Logger
+from composer.utils import dist
+
+from ..storage import LATEST as LATEST_OBJECT
+from ..storage import Mirror, storage_errors
 
 LATEST = "latest-rank0.pt"
 # The managed service's sampling settings for evalPrompts.
@@ -50,6 +54,42 @@ class CheckpointWatcher(Callback):
             self._reported = current
             for listener in self.listeners:
                 listener(current)
+
+
+class CheckpointUploader(Callback):
+    """Pushes each new checkpoint to the object store that the work_dir mirrors, before anyone
+    hears of it: every pod's local rank 0 uploads what its ranks wrote, then rank 0 moves the
+    `latest` pointer, so the pointer never names a checkpoint that is not all there.
+
+    Must come right after the CheckpointSaver: callbacks run in list order."""
+
+    def __init__(self, saver: CheckpointSaver, mirror: Mirror):
+        self.saver, self.mirror = saver, mirror
+        self._synced = 0  # saved_checkpoints grows on every rank alike, so all ranks agree here
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.sync()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.sync()
+
+    def iteration_checkpoint(self, state: State, logger: Logger) -> None:
+        self.sync()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        if len(self.saver.saved_checkpoints) == self._synced:
+            return
+        self._synced = len(self.saver.saved_checkpoints)
+        with storage_errors(self.mirror.remote):
+            dist.barrier()  # every rank has written its part
+            if dist.get_local_rank() == 0:
+                self.mirror.push("checkpoints")
+            dist.barrier()  # every pod has uploaded
+            if dist.get_global_rank() == 0:
+                self.mirror.push_pointer(LATEST_OBJECT)
 
 
 class _BatchColumn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from composer.loggers import MLFlowLogger
 
@@ -36,7 +36,7 @@ def as_uri(path: str) -> str:
 
 def mlflow_logger(config: RunConfig, system_metrics: bool) -> MLFlowLogger:
     tags = {RUN_UID_TAG: config.run_uid, "kubetune.run_name": config.run_name,
-            "kubetune.namespace": config.namespace, CHECKPOINT_FOLDER_TAG: as_uri(config.checkpoint_dir)}
+            "kubetune.namespace": config.namespace, CHECKPOINT_FOLDER_TAG: config.storage_uri(config.checkpoint_dir)}
     return MLFlowLogger(experiment_name=config.experiment_path, run_name=config.run_name,
                         tracking_uri=tracking_uri(config), tags=tags, resume=True,
                         log_system_metrics=system_metrics,
@@ -74,19 +74,20 @@ class CheckpointRecorder:
     artifact listing every checkpoint file by URI and size (references, not copies: they are
     large and already on shared storage)."""
 
-    def __init__(self, run_id: str, folder: str, uri: str | None):
+    def __init__(self, run_id: str, folder: str, uri: str | None, locate: Callable[[str], str] = as_uri):
         from mlflow import MlflowClient
 
         self.client, self.run_id, self.folder = MlflowClient(uri), run_id, Path(folder)
+        self.locate = locate  # local path -> the URI readers use (the object store's, if mirrored)
 
     def __call__(self, checkpoint: str) -> None:
-        self.client.set_tag(self.run_id, LATEST_CHECKPOINT_TAG, as_uri(checkpoint))
+        self.client.set_tag(self.run_id, LATEST_CHECKPOINT_TAG, self.locate(checkpoint))
         self.client.log_dict(self.run_id, self.index(checkpoint), CHECKPOINT_INDEX)
 
     def index(self, latest: str) -> dict[str, Any]:
         entries = sorted(p for p in self.folder.glob("ep*-ba*") if not p.is_symlink())
-        files = [{"uri": as_uri(str(p)), "bytes": size(p)} for p in entries]
-        return {"folder": as_uri(str(self.folder)), "latest": as_uri(latest), "checkpoints": files}
+        files = [{"uri": self.locate(str(p)), "bytes": size(p)} for p in entries]
+        return {"folder": self.locate(str(self.folder)), "latest": self.locate(latest), "checkpoints": files}
 
 
 def size(path: Path) -> int:

@@ -1,7 +1,7 @@
 """Assembles and runs the Composer Trainer for one `train` step (SPEC §3 steps 3-4).
 
 Every rank runs this; side effects outside Composer (progress, result files, MLflow checkpoint
-records) happen on rank 0 only. Restarted ranks resume from the latest checkpoint (autoresume).
+records) happen on rank 0 only. Restarted ranks resume from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from composer.utils import dist
 
 from ..config import RunConfig
 from ..errors import UserError
-from .callbacks import CheckpointGenerations, CheckpointWatcher, WeightsDigest, latest_checkpoint
+from ..storage import Mirror
+from .callbacks import (CheckpointGenerations, CheckpointUploader, CheckpointWatcher, WeightsDigest,
+                        latest_checkpoint)
 from .dataset import data_spec, open_prepared
 from .lion import DecoupledLionW
 from .mlflow_logging import (CheckpointRecorder, active_run_ids, composer_run_name, hyperparameters,
@@ -72,7 +74,10 @@ def checkpoint_callbacks(config: RunConfig, progress: Progress | None) -> tuple[
     saver = CheckpointSaver(folder=config.checkpoint_dir, filename=CHECKPOINT_NAME,
                             latest_filename=LATEST_NAME, save_interval=config.save_interval, overwrite=True)
     listeners = [progress.set_checkpoint] if progress is not None else []
-    callbacks: list[Callback] = [saver, CheckpointWatcher(saver, listeners)]
+    callbacks: list[Callback] = [saver]
+    if config.remote_work_dir:  # on an object store: uploaded before anyone is told
+        callbacks.append(CheckpointUploader(saver, Mirror(config.remote_work_dir, Path(config.work_dir))))
+    callbacks.append(CheckpointWatcher(saver, listeners))
     if progress is not None:
         callbacks.append(progress)
     if config.eval_prompts:
@@ -141,7 +146,8 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
     if progress is not None:
         ids["experimentId"], ids["runId"] = active_run_ids()
         trainer.logger.log_hyperparameters(hyperparameters(config, context_length, world_size))
-        listeners.append(CheckpointRecorder(ids["runId"], config.checkpoint_dir, tracking_uri(config)))
+        listeners.append(CheckpointRecorder(ids["runId"], config.checkpoint_dir, tracking_uri(config),
+                                            config.storage_uri))
         progress.set_mlflow(ids["experimentId"], ids["runId"])
     return Assembly(trainer, runtime, ids)
 
