@@ -100,14 +100,6 @@ def test_a_pointer_to_a_deleted_checkpoint_is_an_error_not_a_fresh_start(tmp_pat
             mirror.pull_pointer("checkpoints/latest-rank0.pt")
 
 
-def test_publish_maps_staging_paths_to_object_store_uris(tmp_path, remote):
-    mirror = Mirror(remote, tmp_path / "a")
-    fields = {"hfFolder": str(mirror.local / "hf"), "nested": [str(mirror.local / "result" / "x.json")],
-              "other": "/elsewhere", "n": 3, "prefix": str(mirror.local) + "-not-inside"}
-    assert mirror.publish(fields) == {"hfFolder": f"{remote}/hf", "nested": [f"{remote}/result/x.json"],
-                                      "other": "/elsewhere", "n": 3, "prefix": fields["prefix"]}
-
-
 def config(work_dir: str) -> RunConfig:
     return RunConfig(run_name="r", run_uid="u", model="m", train_data_path="d", work_dir=work_dir,
                      experiment_path="/e", register_to="a.b.c")
@@ -115,26 +107,26 @@ def config(work_dir: str) -> RunConfig:
 
 def test_a_mounted_work_dir_is_used_in_place(tmp_path):
     original = config(str(tmp_path))
-    with staged("prepare", original) as (local, publish):
-        assert local is original and publish({"a": str(tmp_path)}) == {"a": str(tmp_path)}
+    with staged("prepare", original) as local:
+        assert local is original and local.published(local.data_dir) == local.data_dir
 
 
 def test_a_step_runs_on_a_staging_copy_and_its_outputs_are_pushed_on_success(tmp_path, remote, memory,
                                                                              monkeypatch):
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
-    with staged("convert", config(remote)) as (local, publish):
+    with staged("convert", config(remote)) as local:
         assert local.work_dir == str(stage_dir(remote).resolve()) and local.remote_work_dir == remote
-        assert local.storage_uri(local.hf_dir) == f"{remote}/hf"
+        assert local.storage_uri(local.hf_dir) == f"{remote}/hf" == local.published(local.hf_dir)
+        assert local.published(local.work_dir + "-elsewhere") == local.work_dir + "-elsewhere"
         assert "remote_work_dir" not in json.loads(local.model_dump_json())  # never in a rendered config
         write(tmp_path / "scratch" / stage_dir(remote).name / "hf" / "model.safetensors", "w")
-        assert publish(local.hf_dir) == f"{remote}/hf"
     assert memory.exists(f"{remote.removeprefix('memory://')}/hf/model.safetensors")
 
 
 def test_a_failed_step_pushes_nothing(tmp_path, remote, memory, monkeypatch):
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
     with pytest.raises(RuntimeError):
-        with staged("convert", config(remote)) as (local, _):
+        with staged("convert", config(remote)):
             write(tmp_path / "scratch" / stage_dir(remote).name / "hf" / "half.safetensors", "w")
             raise RuntimeError("killed mid-conversion")
     assert not memory.exists(f"{remote.removeprefix('memory://')}/hf")

@@ -52,8 +52,8 @@ def run_step(step: str, config_path: str) -> int:
     except (OSError, ValueError) as error:
         return report(step, UserError(f"config {config_path}: {first_line(error)}", "InvalidConfig"))
     try:
-        with staged(step, config) as (local, publish):  # a no-op unless work_dir is an object store
-            fields = publish(step_function(step)(local))
+        with staged(step, config) as local:  # a no-op unless work_dir is an object store
+            fields = step_function(step)(local)
     except StepError as error:
         return report(step, error)
     except KeyboardInterrupt:

@@ -78,11 +78,17 @@ class RunConfig(Strict):
     def path(self, *parts: str) -> str:
         return "/".join([self.work_dir.rstrip("/"), *parts])
 
+    def published(self, path: str) -> str:
+        """`path` as readers outside this pod see it: the object-store URI of a staged file."""
+        root = self.work_dir.rstrip("/")
+        if self.remote_work_dir and (path == root or path.startswith(root + "/")):
+            return self.remote_work_dir.rstrip("/") + path[len(root):]
+        return path
+
     def storage_uri(self, path: str) -> str:
-        """Where `path` (under work_dir) lives for readers outside this pod: status, MLflow."""
-        if self.remote_work_dir and path.startswith(self.work_dir):
-            return self.remote_work_dir.rstrip("/") + path[len(self.work_dir.rstrip("/")):]
-        return path if "://" in path else Path(path).resolve().as_uri()
+        """`path` (under work_dir) as a URI for records outside this pod: status, MLflow."""
+        published = self.published(path)
+        return published if "://" in published else Path(published).resolve().as_uri()
 
     @property
     def data_dir(self) -> str:

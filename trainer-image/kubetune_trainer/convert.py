@@ -39,14 +39,14 @@ NEEDED_STATE = ("model", "integrations")
 def run_convert(config: RunConfig) -> dict:
     checkpoint = find_checkpoint(Path(config.checkpoint_dir))
     hf_dir = Path(config.hf_dir)
-    source = checkpoint_identity(checkpoint)
+    source = checkpoint_identity(checkpoint, config)
     if read_marker(hf_dir) == source:
         log.info("%s already holds %s: kept", hf_dir, checkpoint)
     else:
         started = time.monotonic()
         replace_atomically(hf_dir, lambda out: export(checkpoint, out, config.model, source))
         log.info("converted %s to %s in %.1fs", checkpoint, hf_dir, time.monotonic() - started)
-    return {"hfFolder": str(hf_dir)}
+    return {"hfFolder": config.published(str(hf_dir))}
 
 
 # --- finding the checkpoint -------------------------------------------------------------------
@@ -85,9 +85,12 @@ def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / SHARDED_METADATA).is_file()
 
 
-def checkpoint_identity(checkpoint: Path) -> dict[str, Any]:
-    """What the marker records: a rewritten checkpoint at the same path counts as a new one."""
+def checkpoint_identity(checkpoint: Path, config: RunConfig) -> dict[str, Any]:
+    """What the marker records: a rewritten checkpoint at the same path counts as a new one.
+    A copy pulled from an object store is named by its URI; its local mtime says nothing."""
     stat = (checkpoint / SHARDED_METADATA if checkpoint.is_dir() else checkpoint).stat()
+    if config.remote_work_dir:
+        return {"checkpoint": config.published(str(checkpoint)), "size": stat.st_size}
     return {"checkpoint": str(checkpoint), "size": stat.st_size, "mtimeNs": stat.st_mtime_ns}
 
 

@@ -18,7 +18,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 from .config import RunConfig, is_object_store
 from .errors import TransientError, UserError
@@ -123,17 +123,6 @@ class Mirror:
         path.symlink_to(target)
         return target
 
-    def publish(self, value: Any) -> Any:
-        """`value` (result fields) with local staging paths replaced by their object-store URIs."""
-        local = str(self.local)
-        if isinstance(value, str) and (value == local or value.startswith(local + "/")):
-            return self.remote + value[len(local):]
-        if isinstance(value, dict):
-            return {key: self.publish(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [self.publish(item) for item in value]
-        return value
-
     def _local_has(self, name: str, size: int) -> bool:
         path = self.local / name
         return path.is_file() and not path.is_symlink() and path.stat().st_size == size
@@ -182,14 +171,14 @@ def storage_errors(remote: str) -> Iterator[None]:
 
 
 @contextmanager
-def staged(step: str, config: RunConfig) -> Iterator[tuple[RunConfig, Callable[[Any], Any]]]:
-    """Run `step` on a local copy of an object-store work_dir: yields the config to run with and
-    the function mapping its result fields back to object-store URIs. Outputs are pushed only
-    when the step succeeds; a mounted work_dir passes through untouched."""
+def staged(step: str, config: RunConfig) -> Iterator[RunConfig]:
+    """Run `step` on a local copy of an object-store work_dir: yields the config to run with
+    (its `published` maps staged paths back to URIs). Outputs are pushed only when the step
+    succeeds; a mounted work_dir passes through untouched."""
     if step == "train":
         config = with_local_custom_weights(config)
     if not is_object_store(config.work_dir):
-        yield config, lambda fields: fields
+        yield config
         return
     with storage_errors(config.work_dir):
         mirror = Mirror(config.work_dir, stage_dir(config.work_dir))
@@ -198,7 +187,7 @@ def staged(step: str, config: RunConfig) -> Iterator[tuple[RunConfig, Callable[[
                 mirror.pull_pointer(link)
             for rel in PULLS[step]:
                 mirror.pull(rel)
-    yield local_config(config, mirror), mirror.publish
+    yield local_config(config, mirror)
     with storage_errors(config.work_dir):
         for rel in PUSHES[step]:
             mirror.push(rel)

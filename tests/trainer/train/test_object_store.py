@@ -3,6 +3,7 @@ saved, and a new pod with nothing local resumes from the latest one."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -16,10 +17,10 @@ from .test_resume import Crash, Watch
 
 
 def train_in_pod(config, pod_dir, monkeypatch, callbacks=()):
-    """What the CLI does in a fresh pod: stage, train, publish, push."""
+    """What the CLI does in a fresh pod: stage, train, push."""
     monkeypatch.setenv(SCRATCH_ENV, str(pod_dir))
-    with staged("train", config) as (local, publish):
-        return publish(run_train(local, callbacks=list(callbacks)))
+    with staged("train", config) as local:
+        return run_train(local, callbacks=list(callbacks))
 
 
 def test_a_new_pod_resumes_from_the_checkpoint_on_the_object_store(s3_env, tmp_path, tiny_model_dir,
@@ -48,6 +49,10 @@ def test_a_new_pod_resumes_from_the_checkpoint_on_the_object_store(s3_env, tmp_p
     assert fs.cat_file(f"{s3_env.bucket}/{prefix}/checkpoints/latest-rank0.pt.symlink") == name.encode()
     keys = s3_env.keys(prefix)
     assert f"checkpoints/{name}" in keys and "result/train.json" in keys
+    recorded = json.loads(fs.cat_file(f"{s3_env.bucket}/{prefix}/result/train.json"))
+    assert recorded["latestCheckpoint"] == latest  # no staging path reaches a record
+    progress = json.loads(fs.cat_file(f"{s3_env.bucket}/{prefix}/result/progress.json"))
+    assert progress["latestCheckpoint"] == latest
     assert len([k for k in keys if k.startswith("checkpoints/ep")]) == 3  # batches 2, 4 and 6
     run = MlflowClient(mlflow_uri).get_run(result["mlflow"]["runId"])
     assert run.data.tags["kubetune.checkpoint_folder"] == f"{remote}/checkpoints"

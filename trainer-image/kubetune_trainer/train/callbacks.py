@@ -27,28 +27,35 @@ def latest_checkpoint(folder: str | Path) -> str | None:
     return str(pointer.resolve()) if pointer.is_symlink() and pointer.exists() else None
 
 
-class CheckpointWatcher(Callback):
-    """Calls listeners with the new checkpoint's path after the saver wrote one (rank 0).
+class AfterCheckpoint(Callback):
+    """Runs `after_save` at each of the events where Composer's CheckpointSaver may have saved.
 
     Must come after the CheckpointSaver in the callback list: callbacks run in list order."""
+
+    def after_save(self) -> None:
+        raise NotImplementedError
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.after_save()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.after_save()
+
+    def iteration_checkpoint(self, state: State, logger: Logger) -> None:
+        self.after_save()
+
+
+class CheckpointWatcher(AfterCheckpoint):
+    """Calls listeners with the new checkpoint's path after the saver wrote one (rank 0)."""
 
     def __init__(self, saver: CheckpointSaver, listeners: list[Callable[[str], None]]):
         self.saver, self.listeners = saver, listeners
         self._reported: str | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        self.report()  # a resumed run starts from a checkpoint already
+        self.after_save()  # a resumed run starts from a checkpoint already
 
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self.report()
-
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self.report()
-
-    def iteration_checkpoint(self, state: State, logger: Logger) -> None:
-        self.report()
-
-    def report(self) -> None:
+    def after_save(self) -> None:
         current = latest_checkpoint(self.saver.folder)
         if current is not None and current != self._reported:
             self._reported = current
@@ -56,7 +63,7 @@ class CheckpointWatcher(Callback):
                 listener(current)
 
 
-class CheckpointUploader(Callback):
+class CheckpointUploader(AfterCheckpoint):
     """Pushes each new checkpoint to the object store that the work_dir mirrors, before anyone
     hears of it: every pod's local rank 0 uploads what its ranks wrote, then rank 0 moves the
     `latest` pointer, so the pointer never names a checkpoint that is not all there.
@@ -65,24 +72,17 @@ class CheckpointUploader(Callback):
 
     def __init__(self, saver: CheckpointSaver, mirror: Mirror):
         self.saver, self.mirror = saver, mirror
-        self._synced = 0  # saved_checkpoints grows on every rank alike, so all ranks agree here
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self.sync()
-
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self.sync()
-
-    def iteration_checkpoint(self, state: State, logger: Logger) -> None:
-        self.sync()
+        # The batch of the saver's last save: set on every rank (saved_checkpoints grows only on
+        # ranks that wrote a file), so all ranks agree on when to meet at the barriers below.
+        self._synced: Any = None
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        self.sync()
+        self.after_save()  # the saver's final checkpoint
 
-    def sync(self) -> None:
-        if len(self.saver.saved_checkpoints) == self._synced:
+    def after_save(self) -> None:
+        if self.saver.last_checkpoint_batch == self._synced:
             return
-        self._synced = len(self.saver.saved_checkpoints)
+        self._synced = self.saver.last_checkpoint_batch
         with storage_errors(self.mirror.remote):
             dist.barrier()  # every rank has written its part
             if dist.get_local_rank() == 0:

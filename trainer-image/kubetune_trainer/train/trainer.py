@@ -73,7 +73,7 @@ def checkpoint_callbacks(config: RunConfig, progress: Progress | None) -> tuple[
     """The saver, then a watcher telling listeners (progress, MLflow) about each new checkpoint."""
     saver = CheckpointSaver(folder=config.checkpoint_dir, filename=CHECKPOINT_NAME,
                             latest_filename=LATEST_NAME, save_interval=config.save_interval, overwrite=True)
-    listeners = [progress.set_checkpoint] if progress is not None else []
+    listeners = [lambda path: progress.set_checkpoint(config.published(path))] if progress is not None else []
     callbacks: list[Callback] = [saver]
     if config.remote_work_dir:  # on an object store: uploaded before anyone is told
         callbacks.append(CheckpointUploader(saver, Mirror(config.remote_work_dir, Path(config.work_dir))))
@@ -169,7 +169,8 @@ def run_train(config: RunConfig, *, callbacks: Sequence[Callback] = ()) -> dict[
             mark_failed(assembly.mlflow_ids["runId"], tracking_uri(config))
         raise
     assembly.trainer.close()
-    result = {"latestCheckpoint": latest_checkpoint(config.checkpoint_dir), "mlflow": assembly.mlflow_ids}
+    latest = latest_checkpoint(config.checkpoint_dir)
+    result = {"latestCheckpoint": latest and config.published(latest), "mlflow": assembly.mlflow_ids}
     if dist.get_global_rank() == 0:
         write_json_atomically(Path(config.result_dir) / "train.json", result)
     return result
