@@ -153,7 +153,8 @@ class Progress(Callback):
         started, start_ratio = self._start
         if ratio <= start_ratio:
             return None
-        return round((now - started) / (ratio - start_ratio) * (1.0 - ratio), 1)
+        # Milliseconds kept: a tiny run's batches take ~10 ms, and 0.0 would read as "done".
+        return round((now - started) / (ratio - start_ratio) * (1.0 - ratio), 3)
 
     def publish(self) -> None:
         self.snapshot.time = time.time()
