@@ -9,6 +9,7 @@ the run's `secrets.objectStore` Secret.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,6 @@ from typing import Iterator
 
 import pytest
 
-from .mlflow_server import free_port
 
 BUCKET = "kubetune-test"
 
@@ -49,6 +49,12 @@ class S3Store:
         fs, base = self.filesystem(), f"{self.bucket}/{prefix.strip('/')}"
         fs.invalidate_cache()
         return sorted(path[len(base) + 1:] for path in fs.find(base))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_until_up(endpoint: str, process: subprocess.Popen, log: Path, deadline_s: float = 60) -> None:

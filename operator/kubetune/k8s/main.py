@@ -107,7 +107,7 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
                 clusterwide=not options.namespaces,
                 namespaces=list(options.namespaces),
                 stop_flag=kopf_stop,
-                memo=kopf.Memo(cluster=Cluster()),
+                memo=kopf.Memo(cluster=Cluster(), quiet=handlers.QuietRuns()),
             )
         finally:
             # kopf waits for a threading stop flag in an executor thread; when it stopped for
