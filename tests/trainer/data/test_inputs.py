@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from kubetune_trainer.data import analyze
+from kubetune_trainer.data.modelinfo import load_tokenizer
 from kubetune_trainer.errors import UserError
 from kubetune_trainer.inputs import check_custom_weights
 
@@ -39,3 +40,10 @@ def test_prepare_checks_them_only_when_validate_inputs_is_on(make_config, tmp_pa
     with pytest.raises(UserError, match="customWeightsPath"):
         analyze(config)
     assert analyze(config.model_copy(update={"validate_inputs": False})).stats.samples > 0
+
+
+@pytest.mark.parametrize("model", ["/models/missing", "./missing", "org/name/extra"])
+def test_a_model_folder_that_does_not_exist_is_a_user_error_not_a_retry(model):
+    with pytest.raises(UserError, match=f"model {model}: no such folder") as caught:
+        load_tokenizer(model)
+    assert caught.value.reason == "ModelNotFound" and caught.value.permanent

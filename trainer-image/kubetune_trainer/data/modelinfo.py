@@ -12,8 +12,16 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 UNSET_MODEL_MAX = 10**6  # transformers' stand-in for "unknown" is ~1e30
 
 
+def names_a_folder(model: str) -> bool:
+    """A path, not a hub id: hub ids are `name` or `org/name`."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1
+
+
 def load_failure(model: str, what: str, error: Exception) -> Exception:
     """A local folder or an unknown hub id is the user's mistake; anything else may be the network."""
+    if names_a_folder(model) and not os.path.exists(model):
+        return UserError(f"model {model}: no such folder (give a Hugging Face hub id, org/name, or "
+                         f"the path of a model folder the pods mount)", "ModelNotFound")
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if os.path.exists(model) or "not a valid model identifier" in text or "does not appear to have" in text:
         return UserError(f"model {model}: cannot load its {what}: {text}")
