@@ -2,8 +2,11 @@
 
 Session fixtures: the CRD (applied with the real kubectl), the operator's least-privilege RBAC
 (from `kubetune.rbac`, the one place the rules live), a kubeconfig holding only the operator
-ServiceAccount's token, a real MLflow server, and `kubetune operator` itself as a process.
-The node agent of tests/cluster runs the pods; their commands use this interpreter.
+ServiceAccount's token, the `site` (where pods run and what they see: `site.py`), and `kubetune
+operator` itself as a process. Per test, `inputs` stages the tiny model and the example data in
+the test's namespace. Locally the node agent of tests/cluster runs the pods with this interpreter
+and a real MLflow server of this machine records the models; against a real cluster the pods run
+the trainer image.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import yaml
 
 from kubetune.rbac import build_rbac
 
-REPO = Path(__file__).resolve().parents[2]
+from .site import REPO, Inputs, Site, SiteUnavailable, local_site, real_site, stage_inputs
+
 CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
 OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
@@ -83,24 +87,47 @@ def operator_kubeconfig(cluster, kubectl, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def storage_dir(tmp_path_factory) -> Path:
-    """The storage root every pod sees (a PVC on a real cluster; one folder here)."""
-    return tmp_path_factory.mktemp("storage")
+def site(cluster, request, tmp_path_factory) -> Site:
+    """Where the pods run and what they see (`site.py`)."""
+    if not cluster.local:
+        try:
+            return real_site(os.environ)
+        except SiteUnavailable as e:
+            pytest.skip(str(e))
+    storage = tmp_path_factory.mktemp("storage")  # the storage root every pod sees here
+    return local_site(storage, request.getfixturevalue("mlflow_server"))
 
 
-def operator_env(kubeconfig: Path, storage: Path, tracking_uri: str, metrics_port: int) -> dict:
+@pytest.fixture
+def inputs(site, kubectl, namespace, tiny_model_dir) -> Inputs:
+    """The tiny model and the example data, written to the namespace's storage by a Job."""
+    return stage_inputs(kubectl, site, namespace, tiny_model_dir)
+
+
+@pytest.fixture
+def node_agent(cluster):
+    """The local node agent, for tests that act on a pod's processes; they need this machine."""
+    if not cluster.local:
+        pytest.skip("acts on the pods' processes through the local node agent")
+    return cluster.agent
+
+
+@pytest.fixture
+def local_s3(cluster, s3_store):
+    """The S3 endpoint (moto): a process of this machine, which a real cluster's pods cannot reach."""
+    if not cluster.local:
+        pytest.skip("the test's S3 endpoint runs on this machine, out of a real cluster's reach")
+    return s3_store
+
+
+def operator_env(kubeconfig: Path, site: Site, metrics_port: int) -> dict:
     return {
         **os.environ,
+        **site.operator_env(),
         "KUBECONFIG": str(kubeconfig),
         "POD_NAMESPACE": OPERATOR_NAMESPACE,
         "KUBETUNE_RECONCILE_INTERVAL": "1",
         "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
-        # The node agent runs pod commands on this machine, with this interpreter.
-        "KUBETUNE_TRAINER_COMMAND": json.dumps([sys.executable, "-m", "kubetune_trainer"]),
-        "KUBETUNE_TORCHRUN_COMMAND": json.dumps([sys.executable, "-m", "torch.distributed.run"]),
-        "KUBETUNE_STORAGE_URI": str(storage),
-        "KUBETUNE_STORAGE_CLAIM_NAME": "",
-        "KUBETUNE_MLFLOW_TRACKING_URI": tracking_uri,
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -135,13 +162,10 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster, crd, operator_kubeconfig, storage_dir, mlflow_server, tmp_path_factory, wait_for):
-    if not cluster.local:
-        pytest.skip("against a real cluster the operator runs from the Helm chart, with the trainer image")
+def operator(crd, operator_kubeconfig, site, tmp_path_factory, wait_for):
     port = free_port()
     log = tmp_path_factory.mktemp("operator-log") / "operator.log"
-    process = OperatorProcess(operator_env(operator_kubeconfig, storage_dir, mlflow_server, port),
-                              log, port).start()
+    process = OperatorProcess(operator_env(operator_kubeconfig, site, port), log, port).start()
     try:
         wait_for(lambda: "watching" in process.log_tail() or process.process.poll() is not None,
                  60, "the operator to start")

@@ -1,8 +1,10 @@
 """The run controls, through the real API server: retries that resume, suspend, cancel, delete,
 deadlines, TTL, bad data, and an operator that dies mid-run.
 
-Pods run as local processes under the test node agent, so a "crashed container" is a SIGKILL
+Locally pods run as processes under the test node agent, so a "crashed container" is a SIGKILL
 to a pod's process group, and "the processes stopped" is checked on the processes themselves.
+Against a real cluster the pods' phases stand for that, and the test that crashes a trainer is
+left out.
 Runs are tiny (a tiny model, epochs of a few batches, or of a few seconds where a test must act
 between two checkpoints); every wait polls against a deadline.
 """
@@ -16,36 +18,27 @@ import subprocess
 import time
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, apply, restart_operator, trainingrun, wait_phase
+from .conftest import apply, restart_operator, trainingrun, wait_phase
+from .site import Inputs
 
 pytestmark = pytest.mark.cluster
-IFT_DATA = REPO / "examples" / "data" / "ift.jsonl"
-BROKEN_DATA = REPO / "tests" / "trainer" / "data" / "broken" / "ift_broken.jsonl"
+LONG_DATA = "ift-long.jsonl"  # ~150 batches, a few seconds, per epoch: time to act between checkpoints
+BROKEN_DATA = "ift_broken.jsonl"
 RUN_TIMEOUT = 420
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 STOP_TIMEOUT = 90  # a deleted Job's pods are stopped and gone
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-LONG_DATA_COPIES = 60  # ift.jsonl 60 times: ~150 batches, a few seconds, per epoch
 ONE_SHOT_EVENTS = ("CREATED", "VALIDATED", "DATA_VALIDATED", "TRAIN_STARTED", "TRAIN_FINISHED",
                    "REGISTERED", "COMPLETED")
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def long_data(tmp_path_factory) -> Path:
-    """Epochs long enough to act between two checkpoints (one is saved per epoch)."""
-    path = tmp_path_factory.mktemp("long-data") / "ift-long.jsonl"
-    path.write_text(IFT_DATA.read_text() * LONG_DATA_COPIES)
-    return path
-
-
-def tiny_spec(model: Path | str, **extra) -> dict:
-    return {"model": str(model), "trainDataPath": str(IFT_DATA), "registerTo": "main.e2e.controls",
+def tiny_spec(inputs: Inputs, data: str = "ift.jsonl", **extra) -> dict:
+    return {"model": inputs.model, "trainDataPath": inputs.data(data), "registerTo": "main.e2e.controls",
             "trainingDuration": "1ep", "learningRate": 1e-3, "contextLength": 128,
             "globalBatchSize": 8, **extra}
 
@@ -84,18 +77,35 @@ def train_pods(kubectl, namespace: str, run: str, attempt: int | None = None) ->
             for p in children(kubectl, namespace, run, "pods", **labels)}
 
 
-def running_process(cluster, namespace: str, pod: dict, container: str) -> subprocess.Popen | None:
+def running_process(agent, namespace: str, pod: dict, container: str) -> subprocess.Popen | None:
     """The live process of a pod's container on the node agent (None when not running)."""
-    run = cluster.agent.find(namespace, pod["metadata"]["name"])
+    run = agent.find(namespace, pod["metadata"]["name"])
     process = run.procs.get(container) if run else None
     return process if process is not None and process.poll() is None else None
 
 
-def train_process(cluster, kubectl, namespace: str, run: str,
+def train_process(agent, kubectl, namespace: str, run: str,
                   attempt: int | None = None) -> subprocess.Popen | None:
     """The live training process of a one-node run."""
     pod = train_pods(kubectl, namespace, run, attempt).get(0)
-    return running_process(cluster, namespace, pod, "train") if pod else None
+    return running_process(agent, namespace, pod, "train") if pod else None
+
+
+def wait_training(cluster, kubectl, namespace: str, run: str, wait_for) -> subprocess.Popen | None:
+    """Wait until rank 0 of a one-node run is training; its process where this machine runs it."""
+    def running():
+        pod = train_pods(kubectl, namespace, run).get(0)
+        if not pod or pod["status"].get("phase") != "Running":
+            return None
+        return train_process(cluster.agent, kubectl, namespace, run) if cluster.local else pod
+    found = wait_for(running, RUN_TIMEOUT, f"the training of {run} to run")
+    return found if cluster.local else None
+
+
+def wait_stopped(process: subprocess.Popen | None, wait_for) -> None:
+    """Where this machine runs the pods, their processes must stop too."""
+    if process is not None:
+        wait_for(lambda: process.poll() is not None, 30, "the trainer process to stop")
 
 
 def crash(process: subprocess.Popen) -> None:
@@ -117,9 +127,10 @@ def first_trained_batch(log: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def rank0_log(cluster, kubectl, namespace: str, run: str, attempt: int) -> str:
+def rank0_log(kubectl, namespace: str, run: str, attempt: int) -> str:
     pod = train_pods(kubectl, namespace, run, attempt).get(0)
-    return cluster.pod_logs(namespace, pod["metadata"]["name"]) if pod else ""
+    return kubectl("logs", pod["metadata"]["name"], "-n", namespace, "-c", "train",
+                   check=False).stdout if pod else ""
 
 
 def live_status(kubectl, namespace: str, name: str) -> dict:
@@ -156,11 +167,10 @@ def set_suspend(kubectl, namespace: str, name: str, suspend: bool) -> None:
 # --- tests -----------------------------------------------------------------------------------
 
 def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint(
-        operator, cluster, kubectl, namespace, tiny_model_dir, long_data, wait_for):
+        operator, node_agent, kubectl, namespace, inputs, wait_for):
     """One run: suspended and lifted (the same attempt), then its trainer crashes (attempt 2)."""
     name = "resume"
-    create(kubectl, namespace, name, tiny_spec(tiny_model_dir, trainDataPath=str(long_data),
-                                               trainingDuration="4ep", backoffLimit=2))
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="4ep", backoffLimit=2))
     checkpoint = wait_checkpoint(kubectl, namespace, name, wait_for)
 
     # Suspension stops the training pods; the run keeps its attempt.
@@ -176,7 +186,7 @@ def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint
     # Lifting it recreates the same attempt, which resumes from the checkpoint, not batch 0.
     set_suspend(kubectl, namespace, name, False)
     resumed_from = wait_for(lambda: live_status(kubectl, namespace, name) and first_trained_batch(
-        rank0_log(cluster, kubectl, namespace, name, 1)), RUN_TIMEOUT, "the resumed attempt's first batch")
+        rank0_log(kubectl, namespace, name, 1)), RUN_TIMEOUT, "the resumed attempt's first batch")
     assert resumed_from >= suspended_at > 0
     checkpoint = wait_checkpoint(kubectl, namespace, name, wait_for, after=resumed_from)
     status = status_of(kubectl, namespace, name)
@@ -184,7 +194,7 @@ def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint
     assert names(children(kubectl, namespace, name, "jobs", component="train")) == {f"{name}-train-1"}
 
     # The trainer crashes: the attempt fails and attempt 2 starts from the latest checkpoint.
-    trainer = train_process(cluster, kubectl, namespace, name, attempt=1)
+    trainer = train_process(node_agent, kubectl, namespace, name, attempt=1)
     assert trainer is not None, "the trainer of attempt 1 is not running"
     crash(trainer)
     wait_for(lambda: live_status(kubectl, namespace, name).get("attempts") == 2, 120, "attempt 2")
@@ -198,30 +208,28 @@ def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint
     assert retrying["message"].startswith("attempt 1 failed")
     assert names(children(kubectl, namespace, name, "jobs", component="train")) == {f"{name}-train-2"}
     assert [p["status"]["phase"] for p in train_pods(kubectl, namespace, name, 2).values()] == ["Succeeded"]
-    retried_from = first_trained_batch(rank0_log(cluster, kubectl, namespace, name, 2))
+    retried_from = first_trained_batch(rank0_log(kubectl, namespace, name, 2))
     assert retried_from is not None and retried_from >= checkpoint > resumed_from
 
 
 def test_deleting_a_run_mid_training_removes_every_child_and_stops_its_processes(
-        operator, cluster, kubectl, namespace, tiny_model_dir, long_data, wait_for):
+        operator, cluster, kubectl, namespace, inputs, wait_for):
     name = "doomed"
-    create(kubectl, namespace, name, tiny_spec(tiny_model_dir, trainDataPath=str(long_data),
-                                               trainingDuration="20ep"))
-    trainer = wait_for(lambda: train_process(cluster, kubectl, namespace, name), RUN_TIMEOUT,
-                       "the training process to run")
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="20ep"))
+    trainer = wait_training(cluster, kubectl, namespace, name, wait_for)
     kinds = Counter(o["kind"] for o in children(kubectl, namespace, name))
     assert kinds["Job"] == 2 and kinds["Service"] == 1 and kinds["ConfigMap"] == 1 and kinds["Pod"] >= 2
 
     kubectl("delete", "trainingrun", name, "-n", namespace)
     wait_for(lambda: not children(kubectl, namespace, name), STOP_TIMEOUT,
              "the garbage collector to remove the Jobs, pods, Service and ConfigMap")
-    wait_for(lambda: trainer.poll() is not None, 30, "the trainer process to stop")
+    wait_stopped(trainer, wait_for)
 
 
 def test_an_operator_killed_mid_run_is_restarted_and_the_run_succeeds_without_duplicates(
-        operator, kubectl, namespace, tiny_model_dir, wait_for):
+        operator, kubectl, namespace, inputs, wait_for):
     name = "survivor"
-    create(kubectl, namespace, name, tiny_spec(tiny_model_dir))
+    create(kubectl, namespace, name, tiny_spec(inputs))
     wait_phase(kubectl, namespace, name, {"Training"}, RUN_TIMEOUT, operator)
 
     restart_operator(operator, wait_for)  # SIGKILL, then the same command and env again
@@ -241,12 +249,10 @@ def test_an_operator_killed_mid_run_is_restarted_and_the_run_succeeds_without_du
 
 
 def test_the_cancel_annotation_ends_the_run_cancelled_and_stops_its_pods(
-        operator, cluster, kubectl, namespace, tiny_model_dir, long_data, wait_for):
+        operator, cluster, kubectl, namespace, inputs, wait_for):
     name = "cancelled"
-    create(kubectl, namespace, name, tiny_spec(tiny_model_dir, trainDataPath=str(long_data),
-                                               trainingDuration="20ep"))
-    trainer = wait_for(lambda: train_process(cluster, kubectl, namespace, name), RUN_TIMEOUT,
-                       "the training process to run")
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="20ep"))
+    trainer = wait_training(cluster, kubectl, namespace, name, wait_for)
 
     kubectl("annotate", "trainingrun", name, "-n", namespace, "kubetune.dev/cancel=true")
     run = wait_phase(kubectl, namespace, name, {"Cancelled"}, 60, operator)
@@ -256,22 +262,22 @@ def test_the_cancel_annotation_ends_the_run_cancelled_and_stops_its_pods(
     assert run["status"]["completionTime"]
     wait_for(lambda: not children(kubectl, namespace, name, "pods,jobs", component="train"),
              STOP_TIMEOUT, "the training Job and pods to be gone")
-    wait_for(lambda: trainer.poll() is not None, 30, "the trainer process to stop")
+    wait_stopped(trainer, wait_for)
     # A cancelled run stays cancelled: nothing new is started for it.
     assert not children(kubectl, namespace, name, "jobs", component="finalize")
     assert status_of(kubectl, namespace, name)["phase"] == "Cancelled"
 
 
 def test_invalid_training_data_fails_the_run_naming_file_and_line_before_any_training(
-        operator, kubectl, namespace, tiny_model_dir):
+        operator, kubectl, namespace, inputs):
     name = "bad-data"
-    create(kubectl, namespace, name, tiny_spec(tiny_model_dir, trainDataPath=str(BROKEN_DATA)))
+    create(kubectl, namespace, name, tiny_spec(inputs, BROKEN_DATA))
     run = wait_phase(kubectl, namespace, name, {"Failed", "Succeeded"}, RUN_TIMEOUT, operator)
 
     failed = condition(run, "Failed")
     assert run["status"]["phase"] == "Failed" and failed["status"] == "True"
     assert failed["reason"] == "DataValidationFailed"
-    assert f"{BROKEN_DATA.name}:2:" in failed["message"]  # file:line: rule
+    assert f"{BROKEN_DATA}:2:" in failed["message"]  # file:line: rule
     types = event_types(run)
     assert "FAILED" in types and "DATA_VALIDATED" not in types and "TRAIN_STARTED" not in types
     assert names(children(kubectl, namespace, name, "jobs")) <= {f"{name}-prep"}
@@ -280,10 +286,9 @@ def test_invalid_training_data_fails_the_run_naming_file_and_line_before_any_tra
 
 
 def test_a_run_past_active_deadline_seconds_fails_deadline_exceeded_and_stops(
-        operator, kubectl, namespace, tiny_model_dir, long_data, wait_for):
+        operator, kubectl, namespace, inputs, wait_for):
     name, deadline = "late", 20
-    create(kubectl, namespace, name, tiny_spec(tiny_model_dir, trainDataPath=str(long_data),
-                                               trainingDuration="20ep",
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="20ep",
                                                activeDeadlineSeconds=deadline))
     run = wait_phase(kubectl, namespace, name, {"Failed", "Succeeded"}, 120, operator)
 
@@ -303,8 +308,8 @@ def test_a_run_past_active_deadline_seconds_fails_deadline_exceeded_and_stops(
 def test_ttl_seconds_after_finished_deletes_the_finished_run(operator, kubectl, namespace, wait_for):
     name, ttl = "short-lived", 3
     # The operator (not the CRD) judges this spec: it fails at once, with no pods.
-    create(kubectl, namespace, name, tiny_spec("google/gemma-2-9b-it", contextLength=16384,
-                                               ttlSecondsAfterFinished=ttl))
+    create(kubectl, namespace, name, tiny_spec(Inputs("/nowhere"), model="google/gemma-2-9b-it",
+                                               contextLength=16384, ttlSecondsAfterFinished=ttl))
     failed = wait_for(lambda: status_of(kubectl, namespace, name).get("phase") == "Failed"
                       and status_of(kubectl, namespace, name), 60, "the run to fail")
     finished = seconds(failed["completionTime"])  # the operator's clock is this machine's

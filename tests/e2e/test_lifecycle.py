@@ -2,30 +2,29 @@
 
 The operator is the real `kubetune operator` process under its own ServiceAccount; the pods run
 in namespaces that enforce Pod Security `restricted`; the model is registered in a real MLflow
-server. Marked `cluster`: they need the control plane built from Go modules (or a real cluster).
+server. Marked `cluster`: they need the control plane built from Go modules (or a real cluster,
+see `site.py`).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 
-from .conftest import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, REPO, apply, trainingrun, wait_phase
+from .conftest import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, apply, trainingrun, wait_phase
+from .site import Inputs, read_stored
 
 pytestmark = pytest.mark.cluster
-DATA = REPO / "examples" / "data"
 RUN_TIMEOUT = 420
-TASKS = {
-    "INSTRUCTION_FINETUNE": DATA / "ift.jsonl",
-    "CHAT_COMPLETION": DATA / "chat.jsonl",
-    "CONTINUED_PRETRAIN": DATA / "cpt",
+TASKS = {  # the data of each task type, under the staged inputs
+    "INSTRUCTION_FINETUNE": "ift.jsonl",
+    "CHAT_COMPLETION": "chat.jsonl",
+    "CONTINUED_PRETRAIN": "cpt",
 }
 
 
-def small_spec(model: Path, task: str, data: Path, **extra) -> dict:
-    return {"model": str(model), "taskType": task, "trainDataPath": str(data),
+def small_spec(inputs: Inputs, task: str, **extra) -> dict:
+    return {"model": inputs.model, "taskType": task, "trainDataPath": inputs.data(TASKS[task]),
             "registerTo": f"main.e2e.{task.lower()}", "trainingDuration": "1ep",
             "learningRate": 1e-3, "contextLength": 128, "globalBatchSize": 8, **extra}
 
@@ -46,9 +45,9 @@ def registered_versions(tracking_uri: str, name: str) -> list:
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_each_task_type_goes_to_succeeded_with_a_registered_model(
-        task, operator, kubectl, namespace, tiny_model_dir, mlflow_server):
+        task, operator, kubectl, namespace, inputs, site):
     name = f"run-{task.lower().replace('_', '-')}"
-    apply(kubectl, [{**trainingrun(name, small_spec(tiny_model_dir, task, TASKS[task])),
+    apply(kubectl, [{**trainingrun(name, small_spec(inputs, task)),
                      "metadata": {"name": name, "namespace": namespace}}])
     kubectl("wait", f"--for=condition=Succeeded", f"trainingrun/{name}", "-n", namespace,
             f"--timeout={RUN_TIMEOUT}s", timeout=RUN_TIMEOUT + 30)
@@ -66,7 +65,7 @@ def test_each_task_type_goes_to_succeeded_with_a_registered_model(
                      "REGISTERED", "COMPLETED"]:
         assert expected in types, types
     assert types.index("CREATED") < types.index("TRAIN_STARTED") < types.index("COMPLETED")
-    versions = registered_versions(mlflow_server, registered["name"])
+    versions = registered_versions(site.tracking_uri, registered["name"])
     assert len(versions) == 1 and versions[0].tags.get("kubetune.run_uid") == run["metadata"]["uid"]
 
     # The typed events are mirrored as Kubernetes Events on the resource.
@@ -78,8 +77,8 @@ def test_each_task_type_goes_to_succeeded_with_a_registered_model(
     assert "PHASE" in table and "Succeeded" in table and "MODEL" in table
 
 
-def test_spec_errors_are_refused_by_the_api_server(operator, kubectl, namespace, tiny_model_dir):
-    spec = small_spec(tiny_model_dir, "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+def test_spec_errors_are_refused_by_the_api_server(operator, kubectl, namespace):
+    spec = small_spec(Inputs("/nowhere"), "INSTRUCTION_FINETUNE",
                       registerTo="no-dots-here", trainingDuration="10 minutes")
     document = {**trainingrun("bad", spec), "metadata": {"name": "bad", "namespace": namespace}}
     import yaml
@@ -90,9 +89,9 @@ def test_spec_errors_are_refused_by_the_api_server(operator, kubectl, namespace,
 
 
 def test_a_spec_only_the_operator_can_judge_fails_naming_the_field_and_makes_no_pods(
-        operator, kubectl, namespace, tiny_model_dir):
+        operator, kubectl, namespace):
     # The CRD cannot know a catalog model's context window; the operator's validation does.
-    spec = small_spec("google/gemma-2-9b-it", "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+    spec = small_spec(Inputs("/nowhere"), "INSTRUCTION_FINETUNE", model="google/gemma-2-9b-it",
                       contextLength=16384)
     apply(kubectl, [{**trainingrun("too-long", spec),
                      "metadata": {"name": "too-long", "namespace": namespace}}])
@@ -104,9 +103,9 @@ def test_a_spec_only_the_operator_can_judge_fails_naming_the_field_and_makes_no_
 
 
 def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
-        operator, kubectl, namespace, tiny_model_dir, storage_dir, cluster):
-    spec = small_spec(tiny_model_dir, "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
-                      resources={"nodes": 2}, registerTo="main.e2e.two_nodes")
+        operator, kubectl, namespace, inputs, site):
+    spec = small_spec(inputs, "INSTRUCTION_FINETUNE", resources={"nodes": 2},
+                      registerTo="main.e2e.two_nodes")
     apply(kubectl, [{**trainingrun("two-nodes", spec),
                      "metadata": {"name": "two-nodes", "namespace": namespace}}])
     kubectl("wait", "--for=condition=Succeeded", "trainingrun/two-nodes", "-n", namespace,
@@ -119,8 +118,8 @@ def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
         assert env["MASTER_ADDR"]["value"].startswith("two-nodes-train-")
         assert "fieldRef" in env["NODE_RANK"]["valueFrom"]
         assert pod["status"]["phase"] == "Succeeded"
-    result = storage_dir / namespace / "two-nodes" / "result"
-    ranks = [json.loads((result / f"weights-rank{rank}.json").read_text()) for rank in (0, 1)]
+    ranks = [json.loads(read_stored(kubectl, site, namespace, f"two-nodes/result/weights-rank{rank}.json",
+                                    f"read-weights-{rank}")) for rank in (0, 1)]
     assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["initial"]  # both trained, in step
     assert kubectl.json("get", "trainingrun", "two-nodes", "-n", namespace)["status"]["attempts"] == 1
 
@@ -141,15 +140,16 @@ def test_pods_meet_pod_security_restricted_and_the_operator_is_not_admin(
 
 
 def test_a_run_with_object_store_storage_keeps_its_files_in_the_bucket_and_its_secret_referenced(
-        operator, kubectl, namespace, tiny_model_dir, mlflow_server, s3_store):
+        operator, kubectl, namespace, inputs, site, local_s3):
     """storage.uri on S3, credentials in a Secret that the pods reference: the run succeeds, the
     bucket holds data, checkpoints and the model, and no credential reaches status or config."""
+    s3_store = local_s3
     name, prefix = "run-on-s3", f"e2e/{namespace}"
     secret_key = "s3cr3t-" + namespace[-6:]
     env = {**s3_store.env, "AWS_SECRET_ACCESS_KEY": secret_key}  # moto accepts any key
     apply(kubectl, [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bucket", "namespace": namespace},
                      "stringData": env}])
-    spec = small_spec(tiny_model_dir, "INSTRUCTION_FINETUNE", TASKS["INSTRUCTION_FINETUNE"],
+    spec = small_spec(inputs, "INSTRUCTION_FINETUNE",
                       registerTo="main.e2e.on_s3", storage={"uri": s3_store.uri(prefix)},
                       secrets={"objectStore": {"name": "bucket"}})
     apply(kubectl, [{**trainingrun(name, spec), "metadata": {"name": name, "namespace": namespace}}])
@@ -162,6 +162,6 @@ def test_a_run_with_object_store_storage_keeps_its_files_in_the_bucket_and_its_s
                      "result/train.json"):
         assert expected in keys, (expected, keys)
     assert run["status"]["latestCheckpoint"].startswith(s3_store.uri(f"{work}/checkpoints/"))
-    assert len(registered_versions(mlflow_server, "main.e2e.on_s3")) == 1
+    assert len(registered_versions(site.tracking_uri, "main.e2e.on_s3")) == 1
     seen = json.dumps(run) + kubectl("get", "configmaps,events", "-n", namespace, "-o", "json").stdout
     assert secret_key not in seen

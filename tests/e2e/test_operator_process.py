@@ -17,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import (
     LEASE_NAME,
     OPERATOR_NAMESPACE,
-    REPO,
     OperatorProcess,
     apply,
     free_port,
@@ -29,8 +28,9 @@ from .conftest import (
     wait_phase,
 )
 
+from .site import Inputs
+
 pytestmark = pytest.mark.cluster
-IFT_DATA = REPO / "examples" / "data" / "ift.jsonl"
 RETRY_SECONDS = 2  # how often a waiting replica asks for the Lease (LeaseElector.retry_s)
 SLACK_SECONDS = 5  # API calls and a busy machine
 
@@ -55,12 +55,12 @@ def create(kubectl, namespace: str, name: str, spec: dict) -> None:
 
 def invalid_spec() -> dict:
     """A spec only the operator can judge (a catalog model's context window): Failed at once."""
-    return {"model": "google/gemma-2-9b-it", "trainDataPath": str(IFT_DATA),
+    return {"model": "google/gemma-2-9b-it", "trainDataPath": "/nowhere/ift.jsonl",
             "registerTo": "main.e2e.operator", "contextLength": 16384}
 
 
-def valid_spec(model) -> dict:
-    return {"model": str(model), "trainDataPath": str(IFT_DATA), "registerTo": "main.e2e.operator",
+def valid_spec(inputs: Inputs) -> dict:
+    return {"model": inputs.model, "trainDataPath": inputs.data("ift.jsonl"), "registerTo": "main.e2e.operator",
             "contextLength": 128, "globalBatchSize": 8, "trainingDuration": "1ep"}
 
 
@@ -112,7 +112,7 @@ def test_the_metrics_endpoint_serves_run_phases_and_reconcile_latency(operator, 
 
 
 def test_a_second_operator_waits_for_the_lease_and_takes_over_when_the_leader_dies(
-        operator, standby, kubectl, namespace, tiny_model_dir, wait_for):
+        operator, standby, kubectl, namespace, inputs, wait_for):
     leader = leader_identity(operator)
     assert leader and lease_holder(kubectl) == leader
 
@@ -139,7 +139,7 @@ def test_a_second_operator_waits_for_the_lease_and_takes_over_when_the_leader_di
     assert took <= duration + RETRY_SECONDS + SLACK_SECONDS, f"took {took:.1f}s, the lease is {duration}s"
 
     # ... and acts: it starts a new run's first step, and can stop it.
-    create(kubectl, namespace, "second", valid_spec(tiny_model_dir))
+    create(kubectl, namespace, "second", valid_spec(inputs))
     wait_phase(kubectl, namespace, "second", {"PreparingData", "Training"}, 60, standby)
     jobs = kubectl.json("get", "jobs", "-n", namespace, "-l", "kubetune.dev/run=second")["items"]
     assert "second-prep" in {job["metadata"]["name"] for job in jobs}

@@ -1,0 +1,221 @@
+"""Where the e2e tests run, and how they put inputs where the training pods can read them.
+
+Locally (the control plane built from Go modules, the node agent playing kubelet) a pod is a
+process of this machine: the "trainer image" is this interpreter and the storage root is a folder.
+Against a real cluster (KUBETUNE_E2E_KUBECONFIG) the pods run the trainer image named by
+KUBETUNE_E2E_TRAINER_IMAGE, the storage root is a PVC in each test namespace (its class from
+KUBETUNE_E2E_STORAGE_CLASS, ReadWriteMany where KUBETUNE_E2E_STORAGE_ACCESS_MODE says so, which
+multi-node runs on several nodes need), and MLflow is the server at KUBETUNE_E2E_MLFLOW_URI, which
+the pods and this machine both reach. The operator runs as a process of this machine either way,
+under its own ServiceAccount.
+
+In both places the inputs (the tiny model built by this process, the example data) travel in a
+ConfigMap and are written to the storage by a Job of the trainer image in the test's namespace,
+and files the runs wrote are read back by another Job: the same tests run in both places, and the
+staging itself is exercised by every local run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.settings import OperatorSettings
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_SCRIPT = Path(__file__).with_name("seed.py")
+INPUT_FILES = {  # name under <inputs>/data → file in the repo
+    "ift.jsonl": REPO / "examples" / "data" / "ift.jsonl",
+    "chat.jsonl": REPO / "examples" / "data" / "chat.jsonl",
+    "ift_broken.jsonl": REPO / "tests" / "trainer" / "data" / "broken" / "ift_broken.jsonl",
+    **{f"cpt/{path.relative_to(REPO / 'examples' / 'data' / 'cpt')}": path
+       for path in sorted((REPO / "examples" / "data" / "cpt").rglob("*")) if path.is_file()},
+}
+LONG_DATA_COPIES = 60  # ift.jsonl 60 times: ~150 batches, a few seconds, per epoch
+SEED_MOUNT, SCRATCH, INPUTS_DIR = "/seed", "/scratch", "e2e-inputs"
+STORAGE_CLAIM, STORAGE_MOUNT = "kubetune-e2e", "/mnt/kubetune"  # the operator's default mount path
+RUN_AS = 1000
+JOB_TIMEOUT = 300
+
+ENV_IMAGE, ENV_MLFLOW = "KUBETUNE_E2E_TRAINER_IMAGE", "KUBETUNE_E2E_MLFLOW_URI"
+ENV_STORAGE_CLASS, ENV_ACCESS_MODE = "KUBETUNE_E2E_STORAGE_CLASS", "KUBETUNE_E2E_STORAGE_ACCESS_MODE"
+
+
+class SiteUnavailable(Exception):
+    """A real cluster was named without what its pods need; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Site:
+    local: bool
+    trainer_image: str
+    python: tuple[str, ...]          # how a pod starts Python
+    torchrun: tuple[str, ...]
+    tracking_uri: str
+    storage_folder: str | None = None  # locally: the storage root, a folder every pod sees
+    storage_class: str | None = None   # on a real cluster: the PVC's class (None: the default)
+    access_mode: str = "ReadWriteOnce"
+
+    @property
+    def storage_root(self) -> str:
+        """The storage root as pods see it."""
+        return self.storage_folder or STORAGE_MOUNT
+
+    def operator_env(self) -> dict[str, str]:
+        """The operator settings (KUBETUNE_*) that point it at this site."""
+        env = {
+            "KUBETUNE_TRAINER_IMAGE": self.trainer_image,
+            "KUBETUNE_TRAINER_COMMAND": json.dumps([*self.python, "-m", "kubetune_trainer"]),
+            "KUBETUNE_TORCHRUN_COMMAND": json.dumps(list(self.torchrun)),
+            "KUBETUNE_MLFLOW_TRACKING_URI": self.tracking_uri,
+        }
+        if self.storage_folder:
+            return {**env, "KUBETUNE_STORAGE_URI": self.storage_folder, "KUBETUNE_STORAGE_CLAIM_NAME": ""}
+        return {**env, "KUBETUNE_STORAGE_URI": "", "KUBETUNE_STORAGE_CLAIM_NAME": STORAGE_CLAIM}
+
+
+def local_site(storage_folder: Path, tracking_uri: str) -> Site:
+    # The node agent runs this interpreter whatever the image; the name is the operator's default.
+    return Site(local=True, trainer_image=OperatorSettings().trainer_image, python=(sys.executable,),
+                torchrun=(sys.executable, "-m", "torch.distributed.run"),
+                tracking_uri=tracking_uri, storage_folder=str(storage_folder))
+
+
+def real_site(environ: Mapping[str, str]) -> Site:
+    missing = [name for name in (ENV_IMAGE, ENV_MLFLOW) if not environ.get(name)]
+    if missing:
+        raise SiteUnavailable(
+            f"against a real cluster the e2e runs need {' and '.join(missing)}: the trainer image "
+            "(docker build -f trainer-image/Dockerfile .) and an MLflow server that the pods and "
+            "this machine both reach")
+    mode = environ.get(ENV_ACCESS_MODE) or "ReadWriteOnce"
+    if mode not in ("ReadWriteOnce", "ReadWriteMany"):
+        raise SiteUnavailable(f"{ENV_ACCESS_MODE} is {mode!r}: ReadWriteOnce or ReadWriteMany")
+    return Site(local=False, trainer_image=environ[ENV_IMAGE], python=("python",),
+                torchrun=("torchrun",), tracking_uri=environ[ENV_MLFLOW],
+                storage_class=environ.get(ENV_STORAGE_CLASS) or None, access_mode=mode)
+
+
+# --- the Jobs that stage inputs and read results -----------------------------------------------
+
+@dataclass(frozen=True)
+class Inputs:
+    """The staged inputs, as paths the pods see."""
+    root: str
+
+    @property
+    def model(self) -> str:
+        return f"{self.root}/model"
+
+    def data(self, name: str) -> str:
+        return f"{self.root}/data/{name}"
+
+
+def inputs_root(site: Site, namespace: str) -> str:
+    return f"{site.storage_root}/{namespace}/{INPUTS_DIR}"
+
+
+def seed_files(model_dir: Path) -> dict[str, Path]:
+    """What the seed ConfigMap holds: path under its mount → file of this machine. The tiny model
+    (~0.6 MB) travels with the data, so staging it is a copy, not a build, in every namespace."""
+    model = {f"model/{path.name}": path for path in sorted(model_dir.iterdir()) if path.is_file()}
+    data = {f"data/{name}": path for name, path in INPUT_FILES.items()}
+    return {"seed.py": SEED_SCRIPT, **model, **data}
+
+
+def item_key(path: str) -> str:
+    return path.replace("/", "__")  # ConfigMap keys cannot hold '/'; items put it back
+
+
+def seed_items(paths) -> list[dict[str, str]]:
+    return [{"key": item_key(path), "path": path} for path in paths]
+
+
+def seed_config_map(namespace: str, model_dir: Path) -> dict[str, Any]:
+    files = seed_files(model_dir)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "e2e-seed", "namespace": namespace},
+            "binaryData": {item_key(path): base64.b64encode(source.read_bytes()).decode()
+                           for path, source in files.items()}}
+
+
+def storage_claim(site: Site, namespace: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"accessModes": [site.access_mode],
+                            "resources": {"requests": {"storage": "2Gi"}}}
+    if site.storage_class:
+        spec["storageClassName"] = site.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": STORAGE_CLAIM, "namespace": namespace}, "spec": spec}
+
+
+def tool_job(site: Site, namespace: str, name: str, args: list[str],
+             items: list[dict[str, str]]) -> dict[str, Any]:
+    """A one-pod Job of the trainer image running `seed.py ARGS`, with the storage mounted as the
+    operator mounts it, Pod Security `restricted` like every kubetune pod."""
+    # Scratch space under its own name, not /tmp: the node agent rewrites mount paths in the
+    # arguments, and this machine's storage folder lives under /tmp.
+    volumes = [{"name": "scratch", "emptyDir": {}},
+               {"name": "seed", "configMap": {"name": "e2e-seed", "items": items}}]
+    mounts = [{"name": "scratch", "mountPath": SCRATCH},
+              {"name": "seed", "mountPath": SEED_MOUNT, "readOnly": True}]
+    if not site.storage_folder:
+        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": STORAGE_CLAIM}})
+        mounts.append({"name": "storage", "mountPath": STORAGE_MOUNT})
+    container = {
+        "name": "tool", "image": site.trainer_image, "imagePullPolicy": "IfNotPresent",
+        "command": [*site.python, f"{SEED_MOUNT}/seed.py", *args],
+        "env": [{"name": "HOME", "value": SCRATCH}, {"name": "TMPDIR", "value": SCRATCH}],
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                            "runAsUser": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    pod = {"restartPolicy": "Never", "automountServiceAccountToken": False,
+           "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                               "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+           "containers": [container], "volumes": volumes}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"kubetune.dev/e2e-tool": name}},
+            "spec": {"backoffLimit": 0, "template": {"spec": pod}}}
+
+
+def run_tool(kubectl, job: dict[str, Any]) -> str:
+    """Run a tool Job to completion; its output. A failed one raises with its log."""
+    meta = job["metadata"]
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(job))
+    ref, ns = f"job/{meta['name']}", meta["namespace"]
+    done = kubectl("wait", "--for=condition=Complete", ref, "-n", ns, f"--timeout={JOB_TIMEOUT}s",
+                   check=False, timeout=JOB_TIMEOUT + 30)
+    logs = kubectl("logs", ref, "-n", ns, check=False).stdout
+    if done.returncode != 0:
+        raise RuntimeError(f"the e2e tool Job {meta['name']} did not complete: {done.stderr.strip()}\n{logs}")
+    return logs
+
+
+def stage_inputs(kubectl, site: Site, namespace: str, model_dir: Path) -> Inputs:
+    """Write the tiny model and the example data to the namespace's storage, through a Job."""
+    objects = [seed_config_map(namespace, model_dir)]
+    if not site.storage_folder:
+        objects.insert(0, storage_claim(site, namespace))
+    kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
+    root = inputs_root(site, namespace)
+    run_tool(kubectl, tool_job(site, namespace, "e2e-seed",
+                               ["seed", "--from", SEED_MOUNT, "--to", root,
+                                "--long-copies", str(LONG_DATA_COPIES)],
+                               seed_items(seed_files(model_dir))))
+    return Inputs(root)
+
+
+def read_stored(kubectl, site: Site, namespace: str, relative: str, job_name: str) -> str:
+    """A file under `<storage root>/<namespace>/`, as the pods see it, read by a Job."""
+    job = tool_job(site, namespace, job_name, ["cat", f"{site.storage_root}/{namespace}/{relative}"],
+                   seed_items(["seed.py"]))
+    return run_tool(kubectl, job)
+
