@@ -49,7 +49,7 @@ def test_each_task_type_goes_to_succeeded_with_a_registered_model(
     name = f"run-{task.lower().replace('_', '-')}"
     apply(kubectl, [{**trainingrun(name, small_spec(inputs, task)),
                      "metadata": {"name": name, "namespace": namespace}}])
-    kubectl("wait", f"--for=condition=Succeeded", f"trainingrun/{name}", "-n", namespace,
+    kubectl("wait", "--for=condition=Succeeded", f"trainingrun/{name}", "-n", namespace,
             f"--timeout={RUN_TIMEOUT}s", timeout=RUN_TIMEOUT + 30)
     run = kubectl.json("get", "trainingrun", name, "-n", namespace)
     status = run["status"]
