@@ -1,5 +1,5 @@
 """The run controls, through the real API server: retries that resume, suspend, cancel, delete,
-deadlines, TTL, bad data, and an operator that dies mid-run.
+deadlines, TTL, bad data, an operator that dies mid-run and an API server restarted mid-run.
 
 Locally pods run as processes under the test node agent, so a "crashed container" is a SIGKILL
 to a pod's process group, and "the processes stopped" is checked on the processes themselves.
@@ -246,6 +246,35 @@ def test_an_operator_killed_mid_run_is_restarted_and_the_run_succeeds_without_du
     mirrors = Counter(e["reason"] for e in kubectl.json(
         "get", "events", "-n", namespace, f"--field-selector=involvedObject.name={name}")["items"])
     assert all(mirrors[r] <= 1 for r in ("Created", "TrainStarted", "TrainFinished", "Completed")), mirrors
+
+
+def test_an_api_server_restart_mid_training_is_ridden_out_without_duplicates(
+        operator, cluster, kubectl, namespace, inputs, wait_for):
+    """kube-apiserver goes down mid-training: the pods train on, the operator's watches resume (or,
+    if its Lease ran out meanwhile, it exits as a replica must and is restarted as its Deployment
+    would), and the run finishes in its first attempt with each one-shot event once."""
+    if not cluster.local:
+        pytest.skip("restarts the local API server")
+    name = "steady"
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="2ep"))
+    wait_training(cluster, kubectl, namespace, name, wait_for)
+
+    cluster.control_plane.restart("kube-apiserver")
+    restarted = []
+
+    def finished():
+        if operator.process.poll() is not None and not restarted:  # left for the Lease, not crashed
+            assert operator.process.returncode == 1 and "lost lease" in operator.log_tail(), operator.log_tail()
+            restarted.append(restart_operator(operator, wait_for))
+        return status_of(kubectl, namespace, name).get("phase") in TERMINAL
+    wait_for(finished, RUN_TIMEOUT, f"{name} to finish after the API server restart", interval=1)
+    run = wait_succeeded(kubectl, namespace, name, operator)
+
+    assert run["status"]["attempts"] == 1
+    counts = Counter(event_types(run))
+    assert {t: counts[t] for t in ONE_SHOT_EVENTS} == dict.fromkeys(ONE_SHOT_EVENTS, 1), counts
+    assert names(children(kubectl, namespace, name, "jobs")) == {
+        f"{name}-prep", f"{name}-train-1", f"{name}-finalize"}
 
 
 def test_the_cancel_annotation_ends_the_run_cancelled_and_stops_its_pods(
