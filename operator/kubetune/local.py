@@ -342,9 +342,7 @@ class LocalRun:
         progress = (self.body.get("status") or {}).get("progress") or {}
         if not progress or self.phase != Phase.TRAINING.value:
             return
-        line = "  training {:5.1f}%  loss {}  {} tok/s  ETA {}s".format(
-            float(progress.get("percent") or 0), _num(progress.get("loss")),
-            _num(progress.get("tokensPerSecond"), 0), _num(progress.get("etaSeconds"), 0))
+        line = progress_line(progress)
         if line != self.last_progress:
             self.last_progress = line
             self.say(line)
@@ -372,6 +370,13 @@ class LocalRun:
             for name in list(self.jobs):
                 self.delete(name)
         return self.phase
+
+
+def progress_line(progress: dict[str, Any]) -> str:
+    eta = progress.get("etaSeconds")
+    return "  training {:5.1f}%  loss {}  {} tok/s  ETA {}".format(
+        float(progress.get("percent") or 0), _num(progress.get("loss")),
+        _num(progress.get("tokensPerSecond"), 0), "-" if eta is None else f"{_num(eta, 0)}s")
 
 
 def _num(value: Any, digits: int = 3) -> str:
