@@ -36,7 +36,7 @@ control-plane:
 test: setup control-plane
 	$(VENV)/bin/lint-imports --config pyproject.toml
 	$(PY) -m kubetune.crdgen --check
-	$(PYTEST) -q -ra tests
+	$(PYTEST) -q -ra --durations=15 tests
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
