@@ -99,9 +99,9 @@ def site(cluster, request, tmp_path_factory) -> Site:
 
 
 @pytest.fixture
-def inputs(site, kubectl, namespace, tiny_model_dir) -> Inputs:
+def inputs(site, kubectl, wait_for, namespace, tiny_model_dir) -> Inputs:
     """The tiny model and the example data, written to the namespace's storage by a Job."""
-    return stage_inputs(kubectl, site, namespace, tiny_model_dir)
+    return stage_inputs(kubectl, wait_for, site, namespace, tiny_model_dir)
 
 
 @pytest.fixture

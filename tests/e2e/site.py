@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from kubetune.manifests import RUN_AS_USER
 from kubetune.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,8 +41,7 @@ INPUT_FILES = {  # name under <inputs>/data → file in the repo
 }
 LONG_DATA_COPIES = 60  # ift.jsonl 60 times: ~150 batches, a few seconds, per epoch
 SEED_MOUNT, SCRATCH, INPUTS_DIR = "/seed", "/scratch", "e2e-inputs"
-STORAGE_CLAIM, STORAGE_MOUNT = "kubetune-e2e", "/mnt/kubetune"  # the operator's default mount path
-RUN_AS = 1000
+STORAGE_CLAIM, STORAGE_MOUNT = "kubetune-e2e", OperatorSettings().storage_mount_path
 JOB_TIMEOUT = 300
 
 ENV_IMAGE, ENV_MLFLOW = "KUBETUNE_E2E_TRAINER_IMAGE", "KUBETUNE_E2E_MLFLOW_URI"
@@ -54,7 +54,6 @@ class SiteUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Site:
-    local: bool
     trainer_image: str
     python: tuple[str, ...]          # how a pod starts Python
     torchrun: tuple[str, ...]
@@ -83,7 +82,7 @@ class Site:
 
 def local_site(storage_folder: Path, tracking_uri: str) -> Site:
     # The node agent runs this interpreter whatever the image; the name is the operator's default.
-    return Site(local=True, trainer_image=OperatorSettings().trainer_image, python=(sys.executable,),
+    return Site(trainer_image=OperatorSettings().trainer_image, python=(sys.executable,),
                 torchrun=(sys.executable, "-m", "torch.distributed.run"),
                 tracking_uri=tracking_uri, storage_folder=str(storage_folder))
 
@@ -98,7 +97,7 @@ def real_site(environ: Mapping[str, str]) -> Site:
     mode = environ.get(ENV_ACCESS_MODE) or "ReadWriteOnce"
     if mode not in ("ReadWriteOnce", "ReadWriteMany"):
         raise SiteUnavailable(f"{ENV_ACCESS_MODE} is {mode!r}: ReadWriteOnce or ReadWriteMany")
-    return Site(local=False, trainer_image=environ[ENV_IMAGE], python=("python",),
+    return Site(trainer_image=environ[ENV_IMAGE], python=("python",),
                 torchrun=("torchrun",), tracking_uri=environ[ENV_MLFLOW],
                 storage_class=environ.get(ENV_STORAGE_CLASS) or None, access_mode=mode)
 
@@ -175,47 +174,50 @@ def tool_job(site: Site, namespace: str, name: str, args: list[str],
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                            "runAsUser": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+                            "runAsUser": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
     }
     pod = {"restartPolicy": "Never", "automountServiceAccountToken": False,
-           "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
-                               "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+           "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                               "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
            "containers": [container], "volumes": volumes}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, "namespace": namespace, "labels": {"kubetune.dev/e2e-tool": name}},
             "spec": {"backoffLimit": 0, "template": {"spec": pod}}}
 
 
-def run_tool(kubectl, job: dict[str, Any]) -> str:
+def run_tool(kubectl, wait_for, job: dict[str, Any]) -> str:
     """Run a tool Job to completion; its output. A failed one raises with its log."""
     meta = job["metadata"]
     kubectl("apply", "-f", "-", input=yaml.safe_dump(job))
     ref, ns = f"job/{meta['name']}", meta["namespace"]
-    done = kubectl("wait", "--for=condition=Complete", ref, "-n", ns, f"--timeout={JOB_TIMEOUT}s",
-                   check=False, timeout=JOB_TIMEOUT + 30)
+
+    def ended():
+        status = kubectl.json("get", ref, "-n", ns).get("status") or {}
+        return status if status.get("succeeded") or status.get("failed") else None
+    status = wait_for(ended, JOB_TIMEOUT, f"the e2e tool Job {meta['name']}", interval=0.5)
     logs = kubectl("logs", ref, "-n", ns, check=False).stdout
-    if done.returncode != 0:
-        raise RuntimeError(f"the e2e tool Job {meta['name']} did not complete: {done.stderr.strip()}\n{logs}")
+    if not status.get("succeeded"):
+        raise RuntimeError(f"the e2e tool Job {meta['name']} failed:\n{logs}")
     return logs
 
 
-def stage_inputs(kubectl, site: Site, namespace: str, model_dir: Path) -> Inputs:
+def stage_inputs(kubectl, wait_for, site: Site, namespace: str, model_dir: Path) -> Inputs:
     """Write the tiny model and the example data to the namespace's storage, through a Job."""
     objects = [seed_config_map(namespace, model_dir)]
     if not site.storage_folder:
         objects.insert(0, storage_claim(site, namespace))
     kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
     root = inputs_root(site, namespace)
-    run_tool(kubectl, tool_job(site, namespace, "e2e-seed",
+    run_tool(kubectl, wait_for, tool_job(site, namespace, "e2e-seed",
                                ["seed", "--from", SEED_MOUNT, "--to", root,
                                 "--long-copies", str(LONG_DATA_COPIES)],
                                seed_items(seed_files(model_dir))))
     return Inputs(root)
 
 
-def read_stored(kubectl, site: Site, namespace: str, relative: str, job_name: str) -> str:
+def read_stored(kubectl, wait_for, site: Site, namespace: str, relative: str, job_name: str) -> str:
     """A file under `<storage root>/<namespace>/`, as the pods see it, read by a Job."""
     job = tool_job(site, namespace, job_name, ["cat", f"{site.storage_root}/{namespace}/{relative}"],
                    seed_items(["seed.py"]))
-    return run_tool(kubectl, job)
+    return run_tool(kubectl, wait_for, job)
 

@@ -103,7 +103,7 @@ def test_a_spec_only_the_operator_can_judge_fails_naming_the_field_and_makes_no_
 
 
 def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
-        operator, kubectl, namespace, inputs, site):
+        operator, kubectl, namespace, inputs, site, wait_for):
     spec = small_spec(inputs, "INSTRUCTION_FINETUNE", resources={"nodes": 2},
                       registerTo="main.e2e.two_nodes")
     apply(kubectl, [{**trainingrun("two-nodes", spec),
@@ -118,8 +118,9 @@ def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
         assert env["MASTER_ADDR"]["value"].startswith("two-nodes-train-")
         assert "fieldRef" in env["NODE_RANK"]["valueFrom"]
         assert pod["status"]["phase"] == "Succeeded"
-    ranks = [json.loads(read_stored(kubectl, site, namespace, f"two-nodes/result/weights-rank{rank}.json",
-                                    f"read-weights-{rank}")) for rank in (0, 1)]
+    ranks = [json.loads(read_stored(kubectl, wait_for, site, namespace,
+                                    f"two-nodes/result/weights-rank{rank}.json", f"read-weights-{rank}"))
+             for rank in (0, 1)]
     assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["initial"]  # both trained, in step
     assert kubectl.json("get", "trainingrun", "two-nodes", "-n", namespace)["status"]["attempts"] == 1
 
