@@ -33,12 +33,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def server_command(root: Path, port: int, python: str = sys.executable) -> list[str]:
+def server_command(root: Path, port: int, python: str = sys.executable,
+                   host: str = "127.0.0.1") -> list[str]:
     return [
         python, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
         "--workers", "1",
     ]
 
@@ -78,15 +79,16 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(root: Path) -> Iterator[str]:
-    """Start `mlflow server` with its state under `root`; yield its tracking URI; stop it."""
+def running_mlflow_server(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """Start `mlflow server` with its state under `root`, listening on `host` (an address pods
+    reach, for a cluster on real nodes); yield its tracking URI; stop it."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://{host}:{port}"
     log_path = root / "server.log"
     with log_path.open("wb") as log:
         # A session of its own: stop() signals the server and its workers, nothing else.
-        process = subprocess.Popen(server_command(root, port), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(server_command(root, port, host=host), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until_healthy(uri, process, log_path)
