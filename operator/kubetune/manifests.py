@@ -35,6 +35,7 @@ LABEL_COMPONENT = f"{GROUP}/component"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on its pods by the Job controller
 
 RUN_AS_USER = 1000
 EXIT_PERMANENT = 2  # the trainer's exit code for user errors (kubetune_trainer.results)
@@ -330,6 +331,8 @@ def _pod_template(ctx: BuildContext, component: Component, container: dict[str, 
         "volumes": _volumes(ctx, shared_memory),
         **_scheduling(ctx),
     }
+    if ctx.settings.trainer_service_account:
+        spec["serviceAccountName"] = ctx.settings.trainer_service_account
     if subdomain:
         spec["subdomain"] = subdomain
     pod_labels = labels(ctx, component, attempt=component is Component.TRAIN)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socketserver
 import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from .health import Health, wsgi_app
 
 REGISTRY = CollectorRegistry()
 RUNS_BY_PHASE = Gauge("kubetune_trainingruns", "TrainingRuns by namespace and phase",
@@ -16,10 +20,18 @@ RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that r
                            ["reason"], registry=REGISTRY)
 RUN_PHASE = Gauge("kubetune_trainingrun_phase_info", "1 for the current phase of each run",
                   ["namespace", "name", "phase"], registry=REGISTRY)
+RUN_GPUS = Gauge("kubetune_trainingrun_gpus", "GPUs the run's training pods hold (0 outside Training)",
+                 ["namespace", "name"], registry=REGISTRY)
 
 
 _PHASES: dict[tuple[str, str], str] = {}  # (namespace, name) -> phase, of the runs seen alive
 _PHASES_LOCK = threading.Lock()
+
+
+def record_gpus(namespace: str, name: str, phase: str, spec: dict) -> None:
+    resources = spec.get("resources") or {}
+    held = (resources.get("nodes") or 1) * (resources.get("gpusPerNode") or 0)
+    RUN_GPUS.labels(namespace, name).set(held if phase == "Training" else 0)
 
 
 def record_phase(namespace: str, name: str, phase: str, all_phases: list[str]) -> None:
@@ -36,6 +48,10 @@ def forget_run(namespace: str, name: str, all_phases: list[str]) -> None:
             RUN_PHASE.remove(namespace, name, candidate)
         except KeyError:
             pass
+    try:
+        RUN_GPUS.remove(namespace, name)
+    except KeyError:
+        pass
     with _PHASES_LOCK:
         _PHASES.pop((namespace, name), None)
         recount(_PHASES, all_phases)
@@ -51,5 +67,18 @@ def recount(phases_by_run: dict[tuple[str, str], str], all_phases: list[str]) ->
         RUNS_BY_PHASE.labels(namespace, phase).set(count)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:
-    start_http_server(port, addr=addr, registry=REGISTRY)
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *_args) -> None:  # probes every few seconds would flood the log
+        pass
+
+
+def serve(port: int, addr: str = "0.0.0.0", health: Health | None = None) -> None:
+    """/metrics (and, given `health`, /healthz and /readyz) on a daemon thread."""
+    app = make_wsgi_app(REGISTRY)
+    server = make_server(addr, port, wsgi_app(health, app) if health else app,
+                         server_class=_ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()

@@ -38,6 +38,9 @@ class OperatorSettings(BaseModel):
     trainer_command: list[str] = ["python", "-m", "kubetune_trainer"]
     torchrun_command: list[str] = ["torchrun"]
     trainer_module: str = "kubetune_trainer"  # what torchrun runs with `-m`
+    # The ServiceAccount of the run's pods (the Helm chart makes one with no rights); None: the
+    # namespace's default. Their token is never mounted either way.
+    trainer_service_account: str | None = None
 
     # Default storage when a run names none: a URI / host path if set, else a PVC mounted in
     # every pod (an empty KUBETUNE_STORAGE_CLAIM_NAME clears it).

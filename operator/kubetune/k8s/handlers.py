@@ -1,129 +1,116 @@
-"""kopf handlers: one level-triggered reconcile per TrainingRun, on a timer.
+"""kopf handlers: one long-lived reconcile loop per TrainingRun, woken by changes, not a clock.
 
-A timer (one task per object, never concurrent with itself) reads the run fresh from the API,
-lists its children by label, scrapes rank 0's progress, calls the pure `decide` and applies the
-plan. No edge is trusted: a missed watch event or an operator restart changes nothing, the next
-tick sees the same world. Deletion needs no handler: owner references let the garbage collector
-remove every child.
-
-A finished run whose last look found nothing left to stop costs no API call per tick until it
-changes (`QuietRuns`): only its TTL clock runs, on kopf's cached copy of the object.
+Each run's loop (a kopf daemon) reconciles when the run or one of its children changes: kopf's
+watch keeps the run's body fresh and pokes the loop; the informer's watches do the same for
+Jobs, Pods, ConfigMaps and Services. A quiet run costs no API request: its children are read
+from the watch-fed copies, and the status is patched only when `decide` changes it. The loop
+also wakes when the plan asks to be looked at again (a deadline, a TTL, the next progress
+read) and at the latest every resync interval, in case a cue was lost. Still level-triggered:
+each tick recomputes the whole status from what exists. Deletion needs no handler: owner
+references let the garbage collector remove every child.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import urllib.request
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
 import kopf
 
 from .. import metrics
-from ..api import GROUP, PLURAL, TERMINAL, VERSION, Phase
-from ..reconcile import Observed, Plan, decide, observe, parse_metrics, progress_url
+from ..api import GROUP, PLURAL, VERSION, Phase
 from ..settings import OperatorSettings
+from ..tick import ProgressReader, reconcile
 from .cluster import Cluster
 
 log = logging.getLogger("kubetune.handlers")
 ALL_PHASES = [phase.value for phase in Phase]
+ERROR_BACKOFF = 5.0  # seconds before a tick that raised is tried again
 
 
-def scrape(url: str | None, timeout: float = 2.0) -> dict[str, Any] | None:
-    """Rank 0's progress; a trainer that is starting up or gone just means no news."""
-    if url is None:
-        return None
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (pod IP)
-            return parse_metrics(response.read().decode())
-    except OSError:
-        return None
-
-
-def observe_run(cluster: Cluster, namespace: str, name: str, settings: OperatorSettings,
-                finished: bool) -> Observed:
-    children = cluster.children(namespace, name)
-    observed = observe(**children)
-    # A finished run is still observed (leftover children get cleaned up) but not scraped.
-    progress = None if finished else scrape(progress_url(observed, settings))
-    return observe(**children, progress=progress) if progress else observed
-
-
-def apply(cluster: Cluster, run: dict[str, Any], plan: Plan, now: datetime) -> None:
-    meta = run["metadata"]
-    for ref in plan.delete:
-        cluster.delete(ref)
-    for manifest in plan.create:
-        cluster.create(manifest)
-    if plan.status:
-        cluster.patch_status(meta["namespace"], meta["name"], plan.status)
-    for event in plan.events:  # after the status: status.events is the record, these mirror it
-        cluster.post_event(run, event, now)
-    if plan.delete_run:
-        cluster.delete_run(meta["namespace"], meta["name"])
-
-
-class QuietRuns:
-    """Finished runs (uid -> resourceVersion) whose last fresh look found nothing left to stop."""
+class Wakeups:
+    """An asyncio event per run, set from any thread when something of that run changed."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, str] = {}
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def holds(self, body: Mapping[str, Any]) -> bool:
-        meta = body.get("metadata") or {}
-        return bool(meta.get("uid")) and self._seen.get(meta["uid"]) == meta.get("resourceVersion")
+    def event(self, namespace: str, name: str) -> asyncio.Event:
+        return self._events.setdefault((namespace, name), asyncio.Event())
 
-    def mark(self, body: Mapping[str, Any]) -> None:
-        self._seen[body["metadata"]["uid"]] = body["metadata"]["resourceVersion"]
+    def poke_from_thread(self, namespace: str, name: str) -> None:
+        """What the informer's threads call."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.poke, namespace, name)
 
-    def forget(self, uid: str | None) -> None:
-        self._seen.pop(uid or "", None)
+    def poke(self, namespace: str, name: str) -> None:
+        event = self._events.get((namespace, name))
+        if event is not None:
+            event.set()
 
-
-def is_finished(run: Mapping[str, Any]) -> bool:
-    return (run.get("status") or {}).get("phase") in {p.value for p in TERMINAL}
-
-
-def reconcile(cluster: Cluster, namespace: str, name: str, settings: OperatorSettings,
-              quiet: QuietRuns | None = None, cached: Mapping[str, Any] | None = None) -> Plan | None:
-    """One tick. `cached` is kopf's copy of the run: used as is only for a quiet finished run."""
-    now = datetime.now(timezone.utc)
-    if quiet is not None and cached is not None and is_finished(cached) and quiet.holds(cached):
-        plan = decide(cached, Observed(), now, settings)  # nothing is left: only the TTL can act
-        apply(cluster, cached, plan, now)
-        return plan
-    run = cluster.get_run(namespace, name)
-    if run is None or run["metadata"].get("deletionTimestamp"):
-        metrics.forget_run(namespace, name, ALL_PHASES)
-        return None
-    phase, finished = (run.get("status") or {}).get("phase"), is_finished(run)
-    observed = observe_run(cluster, namespace, name, settings, finished)
-    plan = decide(run, observed, now, settings)
-    apply(cluster, run, plan, now)
-    metrics.record_phase(namespace, name, plan.status.get("phase", phase) or "Pending", ALL_PHASES)
-    if quiet is not None and finished and not plan.delete and not plan.status:
-        quiet.mark(run)
-    return plan
+    def forget(self, namespace: str, name: str) -> None:
+        self._events.pop((namespace, name), None)
 
 
-def register(settings: OperatorSettings, interval: float) -> None:
-    """Install the handlers into kopf's default registry."""
+async def sleep_until_woken(wake: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(wake.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, initial_delay=0.1)
-    def reconcile_timer(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        started = time.monotonic()
+
+def tick(cluster: Cluster, run: dict[str, Any], settings: OperatorSettings,
+         progress: ProgressReader) -> float | None:
+    """One reconcile; the seconds until the run wants looking at again (None: no wish)."""
+    meta = run["metadata"]
+    started = time.monotonic()
+    try:
+        children = cluster.children(meta["namespace"], meta["name"])
+        plan = reconcile(cluster, run, children, settings, progress, datetime.now(timezone.utc))
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    phase = plan.status.get("phase") or (run.get("status") or {}).get("phase") or "Pending"
+    metrics.record_phase(meta["namespace"], meta["name"], phase, ALL_PHASES)
+    return plan.requeue_after
+
+
+def register(settings: OperatorSettings, resync: float) -> None:
+    """Install the handlers into kopf's default registry. `memo` holds `cluster` (a Cluster),
+    `wakeups` (Wakeups), `progress` (ProgressReader), `executor` (the threads ticks run in) and
+    `synced` (an asyncio.Event: the informer has listed every kind once)."""
+
+    @kopf.daemon(GROUP, VERSION, PLURAL, initial_delay=0.0, cancellation_timeout=1.0)
+    async def reconcile_run(namespace: str, name: str, uid: str, body: kopf.Body,
+                            memo: kopf.Memo, **_: Any) -> None:
+        wake = memo.wakeups.event(namespace, name)
         try:
-            reconcile(memo.cluster, namespace, name, settings, memo.quiet, dict(body))
-        except Exception as error:  # counted and logged; the next tick retries (bounded by interval)
-            metrics.RECONCILE_ERRORS.labels(type(error).__name__).inc()
-            log.warning("reconcile %s/%s failed: %s", namespace, name, error)
-            raise kopf.TemporaryError(str(error), delay=interval) from error
+            await memo.synced.wait()  # the children's copies are complete
+            loop = asyncio.get_running_loop()
+            while True:
+                wake.clear()  # before reading: a change from now on wakes the next tick
+                run = memo.cluster.newest(dict(body))
+                if run["metadata"].get("deletionTimestamp"):
+                    return  # the garbage collector takes the children
+                try:
+                    wanted = await loop.run_in_executor(memo.executor, tick, memo.cluster, run,
+                                                        settings, memo.progress)
+                except Exception as error:  # counted and logged; tried again soon
+                    metrics.RECONCILE_ERRORS.labels(type(error).__name__).inc()
+                    log.warning("reconcile %s/%s failed: %s", namespace, name, error)
+                    wanted = ERROR_BACKOFF
+                await sleep_until_woken(wake, min(resync, wanted) if wanted else resync)
         finally:
-            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            # The loop stops with its object (deleted, or the operator leaving).
+            memo.wakeups.forget(namespace, name)
+            memo.cluster.forget(uid)
+            memo.progress.forget(uid)
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, when=lambda type, **_: type == "DELETED")
-    def forget_deleted(namespace: str, name: str, uid: str | None, memo: kopf.Memo, **_: Any) -> None:
-        # The timer stops with its object, so no reconcile sees a run gone: drop its metrics here.
-        metrics.forget_run(namespace, name, ALL_PHASES)
-        memo.quiet.forget(uid)
+    @kopf.on.event(GROUP, VERSION, PLURAL)
+    async def run_changed(type: str, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        if type == "DELETED":  # the loop stops with its object: drop its metrics here
+            metrics.forget_run(namespace, name, ALL_PHASES)
+        else:
+            memo.wakeups.poke(namespace, name)

@@ -1,8 +1,10 @@
-"""`kubetune operator`: leader election, metrics, then kopf with the handlers of this package."""
+"""`kubetune operator`: leader election, metrics, the children's informer, then kopf with the
+handlers of this package."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -14,9 +16,12 @@ from typing import Any
 import kopf
 
 from .. import metrics
+from ..health import Health
 from ..settings import OperatorSettings
+from ..tick import ProgressReader
 from . import handlers
 from .cluster import Cluster
+from .informer import ChildInformer
 
 log = logging.getLogger("kubetune.operator")
 
@@ -26,8 +31,10 @@ class RuntimeOptions:
     """How this process runs (not what runs look like: that is OperatorSettings)."""
 
     namespaces: tuple[str, ...] = ()  # empty: cluster-wide
-    interval: float = 5.0
+    interval: float = 60.0  # resync: a run is reconciled at least this often without a change
+    workers: int = 16  # threads that reconcile (each tick's API writes block one)
     metrics_port: int = 8080
+    metrics_addr: str = "0.0.0.0"
     leader_election: bool = True
     lease_namespace: str = "default"
     lease_name: str = "kubetune-operator"
@@ -38,18 +45,29 @@ class RuntimeOptions:
         namespaces = tuple(n for n in env.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n)
         return cls(
             namespaces=namespaces,
-            interval=float(env.get("KUBETUNE_RECONCILE_INTERVAL", "5")),
+            interval=float(env.get("KUBETUNE_RECONCILE_INTERVAL", "60")),
+            workers=int(env.get("KUBETUNE_RECONCILE_WORKERS", "16")),
             metrics_port=int(env.get("KUBETUNE_OPERATOR_METRICS_PORT", "8080")),
+            metrics_addr=env.get("KUBETUNE_OPERATOR_METRICS_ADDR") or "0.0.0.0",
             leader_election=env.get("KUBETUNE_LEADER_ELECTION", "true").lower() != "false",
             lease_namespace=env.get("POD_NAMESPACE") or env.get("KUBETUNE_LEASE_NAMESPACE", "default"),
+            lease_name=env.get("KUBETUNE_LEASE_NAME") or "kubetune-operator",
         )
+
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def load_kube_config() -> None:
     from kubernetes import config
+    from kubernetes.config.incluster_config import InClusterConfigLoader
 
+    # The chart names the token's folder (KUBETUNE_SERVICE_ACCOUNT_DIR, the standard path), so a
+    # runtime that mounts volumes elsewhere (the tests' node agent) still finds it.
+    folder = os.environ.get("KUBETUNE_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR
     try:
-        config.load_incluster_config()
+        InClusterConfigLoader(token_filename=f"{folder}/token",
+                              cert_filename=f"{folder}/ca.crt").load_and_set()
     except config.ConfigException:
         config.load_kube_config()
 
@@ -82,34 +100,76 @@ def elect(options: RuntimeOptions, stop: threading.Event):
     return elector
 
 
+def client_with_pool(connections: int):
+    """An API client with a connection per reconcile worker (the default pool is smaller)."""
+    from kubernetes import client
+
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections
+    return client.ApiClient(configuration)
+
+
+async def wait_synced(informer: ChildInformer, synced: asyncio.Event) -> None:
+    while not informer.synced.is_set():  # polled: a thread blocked on it would hold up exit
+        await asyncio.sleep(0.05)
+    synced.set()
+
+
 def run_operator(options: RuntimeOptions | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options or RuntimeOptions.from_env()
     settings = OperatorSettings.from_env()
     load_kube_config()
-    metrics.serve(options.metrics_port)
+    health = Health()
+    metrics.serve(options.metrics_port, options.metrics_addr, health)
     stop = threading.Event()
+    health.standby()
     elector = elect(options, stop) if options.leader_election else None
     if options.leader_election and elector is None:
         return 1
+    health.leading()
     kopf_stop = threading.Event()
     if elector is not None:  # leadership lost: stop acting at once, let the Deployment restart us
-        threading.Thread(target=lambda: (elector.lost.wait(), kopf_stop.set()), daemon=True).start()
+        threading.Thread(target=lambda: (elector.lost.wait(), health.lost(), kopf_stop.set()),
+                         daemon=True).start()
     kopf.on.startup()(configure_kopf)
+    kopf.on.startup(id="kubetune-health")(lambda **_: health.started())
     handlers.register(settings, options.interval)
+    api_client = client_with_pool(options.workers)
+    wakeups = handlers.Wakeups()
+    informer = ChildInformer(api_client, options.namespaces, wakeups.poke_from_thread)
+    synced = asyncio.Event()
+
+    @kopf.on.startup(id="kubetune-informer")
+    async def start_informer(**_: Any) -> None:
+        wakeups.loop = asyncio.get_running_loop()
+        informer.start()
+        wakeups.loop.create_task(wait_synced(informer, synced))
+
+    memo = kopf.Memo(cluster=Cluster(informer.store, api_client), wakeups=wakeups, synced=synced,
+                     progress=ProgressReader(settings.progress_interval_seconds),
+                     executor=concurrent.futures.ThreadPoolExecutor(options.workers, "reconcile"))
     log.info("kubetune operator: watching %s", ", ".join(options.namespaces) or "all namespaces")
 
+    async def beat() -> None:  # /healthz fails when the event loop stops turning
+        while True:
+            health.beat()
+            await asyncio.sleep(health.stale_s / 6)
+
     async def run_kopf() -> None:
+        beating = asyncio.create_task(beat())
         try:
             await kopf.operator(
                 standalone=True,  # leader election above replaces kopf's peering
                 clusterwide=not options.namespaces,
                 namespaces=list(options.namespaces),
                 stop_flag=kopf_stop,
-                memo=kopf.Memo(cluster=Cluster(), quiet=handlers.QuietRuns()),
+                memo=memo,
             )
         finally:
+            informer.stop()
+            beating.cancel()
             # kopf waits for a threading stop flag in an executor thread; when it stopped for
             # another reason (SIGTERM), that thread would block asyncio.run's exit forever.
             kopf_stop.set()
