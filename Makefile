@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell pwd | sha256sum | cut -c1-12)
 PYTEST := $(PY) -m pytest
 DEMO_DIR ?= demo
 
-.PHONY: setup demo test test-unit test-trainer test-e2e control-plane crds lint clean-demo
+.PHONY: setup demo test test-unit test-trainer test-e2e control-plane node cluster cluster-down crds lint clean-demo
 
 setup: $(STAMP)
 
@@ -32,6 +32,18 @@ demo: setup
 
 control-plane:
 	bash tests/cluster/build.sh
+
+# Real nodes (kubelet, containerd, CNI, CoreDNS): the Debian packages, then the Go builds (cached).
+node:
+	bash tests/cluster/node-deps.sh
+	bash tests/cluster/build-node.sh
+
+# A local cluster on real nodes with the project's images loaded; prints `export KUBECONFIG=...`.
+cluster: setup control-plane node
+	@$(PY) -m tests.cluster.kubelet_cluster up
+
+cluster-down: setup
+	@$(PY) -m tests.cluster.kubelet_cluster down
 
 test: setup control-plane
 	$(VENV)/bin/lint-imports --config pyproject.toml

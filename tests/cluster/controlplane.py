@@ -43,6 +43,10 @@ CONTROLLERS = (
     # and namespace deletion hangs.
     "persistentvolumeclaim-protection-controller", "persistentvolume-protection-controller",
 )
+# With real kubelets (node.py) also what they rely on: Service endpoints (CoreDNS, kube-proxy),
+# PV binding and garbage collection of pods whose node went away.
+NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller",
+                    "persistentvolume-binder-controller", "podgc-controller")
 
 
 class ControlPlaneError(RuntimeError):
@@ -125,6 +129,10 @@ class ControlPlane:
     etcd_port: int = 0
     api_port: int = 0
     components: dict[str, Component] = field(default_factory=dict)
+    # 127.0.0.1 unless pods must reach the API server (real nodes): then an address of this
+    # machine they route to, and the API server listens on every interface.
+    advertise_address: str = "127.0.0.1"
+    controllers: tuple[str, ...] = CONTROLLERS
     _own_workdir: bool = False
 
     # -- public API -------------------------------------------------------------------------
@@ -199,7 +207,7 @@ class ControlPlane:
                                  dns=("localhost", "kubernetes", "kubernetes.default",
                                       "kubernetes.default.svc",
                                       "kubernetes.default.svc.cluster.local"),
-                                 ips=("127.0.0.1", SERVICE_IP))
+                                 ips=tuple(dict.fromkeys(("127.0.0.1", SERVICE_IP, self.advertise_address))))
         self.admin = pki.issue(self.ca, d, "admin", "kubetune-admin", organization="system:masters")
         self.kcm_client = pki.issue(self.ca, d, "kcm", "system:kube-controller-manager")
         self.kubelet_client = pki.issue(self.ca, d, "apiserver-kubelet-client",
@@ -222,7 +230,8 @@ class ControlPlane:
         self.api_port = free_port()
         return [str(self.bin_dir / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                f"--bind-address={'127.0.0.1' if self.advertise_address == '127.0.0.1' else '0.0.0.0'}",
+                f"--advertise-address={self.advertise_address}",
                 f"--secure-port={self.api_port}", f"--cert-dir={self.workdir / 'apiserver'}",
                 f"--tls-cert-file={self.serving.cert}", f"--tls-private-key-file={self.serving.key}",
                 f"--client-ca-file={self.ca.cert}",
@@ -247,12 +256,22 @@ class ControlPlane:
             path.write_text(json.dumps(kubeconfig(self.server, self.ca.cert, client, user), indent=1))
             path.chmod(0o600)
 
+    def client_kubeconfig(self, path: Path, user: str, organization: str | None = None,
+                          server: str | None = None) -> Path:
+        """A kubeconfig for a client certificate of `user` (in group `organization`)."""
+        stem = user.replace(":", "-")
+        client = pki.issue(self.ca, self.workdir / "pki", stem, user, organization=organization)
+        config = kubeconfig(server or self.server, self.ca.cert, client, user)
+        path.write_text(json.dumps(config, indent=1))
+        path.chmod(0o600)
+        return path
+
     def _kcm_argv(self) -> list[str]:
         return [str(self.bin_dir / "kube-controller-manager"),
                 f"--kubeconfig={self.workdir / 'kcm.kubeconfig'}",
                 "--secure-port=0",   # no metrics/health endpoint: readiness is observed instead
                 "--leader-elect=false",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(self.controllers)}",
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={self.sa_key.key}",
                 f"--root-ca-file={self.ca.cert}",

@@ -4,7 +4,10 @@ Load it with `pytest_plugins = ["tests.cluster.fixtures"]` in the root conftest 
 fixtures). Fixtures:
 
 - `cluster` (session): a `Cluster`. By default a local control plane (etcd, kube-apiserver,
-  kube-controller-manager built from Go modules) plus the test node agent. With
+  kube-controller-manager built from Go modules) plus the test node agent; with
+  KUBETUNE_E2E_NODE=kubelet, real nodes instead (`kubelet_cluster.py`: kubelets on containerd,
+  kube-scheduler, kube-proxy, CoreDNS, the project's images; no fallback: if they cannot start,
+  the session fails saying what is missing). With
   KUBETUNE_E2E_KUBECONFIG set, that cluster instead (no agent); its current context must be
   listed in KUBETUNE_E2E_CONTEXTS (comma-separated) or be a kind-* context.
 - `kubectl` (session): `kubectl(*args, input=None, check=True, timeout=120)` runs the real
@@ -39,9 +42,12 @@ from kubernetes import client, config
 
 from . import binaries
 from .controlplane import ControlPlane
+from .kubelet_cluster import KubeletCluster
 from .node_agent import NodeAgent
 
 ENV_KUBECONFIG, ENV_CONTEXTS = "KUBETUNE_E2E_KUBECONFIG", "KUBETUNE_E2E_CONTEXTS"
+ENV_NODE = "KUBETUNE_E2E_NODE"   # "agent" (the default) or "kubelet"
+NODES = 2   # the 2-node training test crosses a real pod network
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -75,6 +81,7 @@ class Cluster:
     control_plane: ControlPlane | None = None   # None against a real cluster
     agent: NodeAgent | None = None
     startup_seconds: float = 0.0
+    kubelets: KubeletCluster | None = None   # real nodes of this machine
 
     @property
     def local(self) -> bool:
@@ -84,8 +91,13 @@ class Cluster:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def pod_logs(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """Container output of a pod that the local node agent ran ("" for a real cluster)."""
-        return self.agent.logs(namespace, pod, container) if self.agent else ""
+        """Container output of a pod that ran here ("" for a remote cluster)."""
+        if self.agent:
+            return self.agent.logs(namespace, pod, container)
+        if self.kubelets:
+            args = ["logs", pod, "-n", namespace, "--all-containers" if container is None else f"-c={container}"]
+            return Kubectl(self.kubectl_bin, self.kubeconfig)(*args, check=False, timeout=30).stdout
+        return ""
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
@@ -123,6 +135,8 @@ def start_local_cluster(workdir: Path) -> Cluster:
         pytest.skip("no Go toolchain to build the control plane and no KUBETUNE_CLUSTER_BIN")
     bin_dir = binaries.control_plane_bin_dir()
     tools = binaries.tools_dir()
+    if os.environ.get(ENV_NODE, "agent") == "kubelet":
+        return start_kubelet_cluster(workdir, tools)
     started = time.monotonic()   # the one-time build is not counted as startup
     cp = ControlPlane(bin_dir, workdir / "control-plane").start()
     try:
@@ -132,6 +146,13 @@ def start_local_cluster(workdir: Path) -> Cluster:
         raise
     return Cluster(cp.kubeconfig, "kubetune-local", tools / "kubectl", tools / "helm", cp, agent,
                    time.monotonic() - started)
+
+
+def start_kubelet_cluster(workdir: Path, tools: Path) -> Cluster:
+    started = time.monotonic()   # includes image and node builds when not cached
+    kubelets = KubeletCluster(workdir, NODES).start()
+    return Cluster(kubelets.kubeconfig, "kubetune-local", tools / "kubectl", tools / "helm",
+                   kubelets.control_plane, startup_seconds=time.monotonic() - started, kubelets=kubelets)
 
 
 @pytest.fixture(scope="session")
@@ -148,8 +169,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield local
     finally:
-        local.agent.stop()
-        local.control_plane.stop()
+        if local.kubelets:
+            local.kubelets.stop()
+        else:
+            local.agent.stop()
+            local.control_plane.stop()
 
 
 @pytest.fixture(scope="session")
@@ -179,6 +203,9 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest):
                  f"serviceaccount default in {name}")
         yield name
         core.delete_namespace(name, propagation_policy="Background")
+        if cluster.kubelets:   # the namespace's local PersistentVolumes (volume_for)
+            client.CoreV1Api(api).delete_collection_persistent_volume(
+                label_selector=f"kubetune.dev/namespace={name}")
 
 
 def namespace_name(test_name: str) -> str:
@@ -201,6 +228,10 @@ def diagnostics(cluster: Cluster, namespace: str) -> str:
     for args in (("get", "pods,jobs,services", "-o", "wide"), ("get", "events", "--sort-by=.lastTimestamp")):
         proc = kubectl(*args, "-n", namespace, check=False, timeout=20)
         parts.append(f"$ kubectl {' '.join(args)}\n{proc.stdout}{proc.stderr}")
+    if cluster.kubelets:
+        pods = kubectl("get", "pods", "-n", namespace, "-o", "name", check=False, timeout=20).stdout.split()
+        for pod in pods:
+            parts.append(f"--- logs of {pod}:\n{cluster.pod_logs(namespace, pod.split('/')[-1])[-4000:]}")
     if cluster.agent:
         for run in list(cluster.agent.runs.values()):
             meta = run.pod["metadata"]

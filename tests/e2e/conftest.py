@@ -25,7 +25,10 @@ import yaml
 
 from kubetune.rbac import build_rbac
 
-from .site import REPO, Inputs, Site, SiteUnavailable, local_site, real_site, stage_inputs
+from tests.cluster.kubelet_cluster import STORAGE_CLASS
+from tests.support.mlflow_server import running_mlflow_server
+
+from .site import REPO, Inputs, Site, SiteUnavailable, kubelet_site, local_site, real_site, stage_inputs
 
 CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
 OPERATOR_NAMESPACE = "kubetune-system"
@@ -89,6 +92,9 @@ def operator_kubeconfig(cluster, kubectl, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def site(cluster, request, tmp_path_factory) -> Site:
     """Where the pods run and what they see (`site.py`)."""
+    if cluster.kubelets:
+        uri = request.getfixturevalue("pod_mlflow_server")
+        return kubelet_site(cluster.kubelets.images["trainer"], uri, STORAGE_CLASS, cluster.kubelets.volume_for)
     if not cluster.local:
         try:
             return real_site(os.environ)
@@ -96,6 +102,14 @@ def site(cluster, request, tmp_path_factory) -> Site:
             pytest.skip(str(e))
     storage = tmp_path_factory.mktemp("storage")  # the storage root every pod sees here
     return local_site(storage, request.getfixturevalue("mlflow_server"))
+
+
+@pytest.fixture(scope="session")
+def pod_mlflow_server(cluster, tmp_path_factory):
+    """An MLflow server on this machine's address in the cluster network, so pods reach it."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-pods"),
+                               host=cluster.kubelets.network.host_ip) as uri:
+        yield uri
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 Locally (the control plane built from Go modules, the node agent playing kubelet) a pod is a
 process of this machine: the "trainer image" is this interpreter and the storage root is a folder.
+On real kubelets of this machine (KUBETUNE_E2E_NODE=kubelet) the pods run the trainer image built
+here, on a local PersistentVolume per namespace, reporting to an MLflow server of this machine.
 Against a real cluster (KUBETUNE_E2E_KUBECONFIG) the pods run the trainer image named by
 KUBETUNE_E2E_TRAINER_IMAGE, the storage root is a PVC in each test namespace (its class from
 KUBETUNE_E2E_STORAGE_CLASS, ReadWriteMany where KUBETUNE_E2E_STORAGE_ACCESS_MODE says so, which
@@ -20,8 +22,8 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,8 @@ class Site:
     storage_folder: str | None = None  # locally: the storage root, a folder every pod sees
     storage_class: str | None = None   # on a real cluster: the PVC's class (None: the default)
     access_mode: str = "ReadWriteOnce"
+    # Real nodes of this machine: (namespace, claim) → the PersistentVolume bound to that claim.
+    volume_for: Callable[[str, str], dict] | None = field(default=None, compare=False)
 
     @property
     def storage_root(self) -> str:
@@ -85,6 +89,16 @@ def local_site(storage_folder: Path, tracking_uri: str) -> Site:
     return Site(trainer_image=OperatorSettings().trainer_image, python=(sys.executable,),
                 torchrun=(sys.executable, "-m", "torch.distributed.run"),
                 tracking_uri=tracking_uri, storage_folder=str(storage_folder))
+
+
+def kubelet_site(trainer_image: str, tracking_uri: str, storage_class: str,
+                 volume_for: Callable[[str, str], dict]) -> Site:
+    """Real kubelets of this machine (tests/cluster/kubelet_cluster.py): the trainer image built
+    here, a local PersistentVolume per namespace shared by both nodes, MLflow on an address of
+    this machine that pods reach."""
+    return Site(trainer_image=trainer_image, python=("python",), torchrun=("torchrun",),
+                tracking_uri=tracking_uri, storage_class=storage_class, access_mode="ReadWriteMany",
+                volume_for=volume_for)
 
 
 def real_site(environ: Mapping[str, str]) -> Site:
@@ -206,6 +220,8 @@ def stage_inputs(kubectl, wait_for, site: Site, namespace: str, model_dir: Path)
     objects = [seed_config_map(namespace, model_dir)]
     if not site.storage_folder:
         objects.insert(0, storage_claim(site, namespace))
+    if site.volume_for:
+        objects.insert(0, site.volume_for(namespace, STORAGE_CLAIM))
     kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
     root = inputs_root(site, namespace)
     run_tool(kubectl, wait_for, tool_job(site, namespace, "e2e-seed",

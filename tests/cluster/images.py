@@ -1,0 +1,188 @@
+"""The images a real node of the test cluster runs, built with buildah, cached by content.
+
+No registry is reachable here, so every image is built on this machine:
+
+- stand-in base: Debian 12 (python3 is 3.11) from `debootstrap`, tagged `BASE` and passed to both
+  Dockerfiles as their base build argument (their defaults stay the public bases);
+- `operator/Dockerfile` and `trainer-image/Dockerfile` of the repo;
+- pause (the pod sandbox) and CoreDNS, from the binaries `build-node.sh` built, `FROM scratch`.
+
+Each image's tag is `localhost/kubetune/<name>:<hash>`, the hash over its Containerfile, build
+arguments and context files, so an unchanged image is not rebuilt; buildah's own layer cache
+(`--layers`) makes a source change rebuild only the layers after the dependencies. The buildah
+storage lives in ~/.cache/kubetune/buildah-<driver>. `load(image, ctr_address)` imports an image into a
+containerd's `k8s.io` namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .binaries import cache_root
+
+REPO = Path(__file__).resolve().parents[2]
+DEBIAN_SUITE, DEBIAN_MIRROR = "bookworm", "http://deb.debian.org/debian"
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+BASE = f"localhost/kubetune/debian-python:{DEBIAN_SUITE}"   # python3 3.11, like python:3.11-slim
+STORAGE_DRIVER = "overlay"
+log = logging.getLogger(__name__)
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    containerfile: Path
+    context: Path
+    files: tuple[str, ...]              # context paths (files or folders) the image is built from
+    build_args: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"localhost/kubetune/{self.name}:{self.content_hash()}"
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256(self.containerfile.read_bytes())
+        for key, value in sorted(self.build_args.items()):
+            digest.update(f"\0arg {key}={value}".encode())
+        for path in context_files(self.context, self.files):
+            digest.update(f"\0{path.relative_to(self.context)}\0".encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def context_files(context: Path, names: tuple[str, ...]) -> list[Path]:
+    out = []
+    for name in names:
+        path = context / name
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        elif path.is_file():
+            out.append(path)
+    return out
+
+
+PYTHON_SOURCES = ("pyproject.toml", "constraints.txt", "README.md", "operator/kubetune",
+                  "trainer-image/kubetune_trainer")
+
+
+def operator_image() -> Image:
+    return Image("operator", REPO / "operator" / "Dockerfile", REPO,
+                 ("operator/Dockerfile", *PYTHON_SOURCES), {"BASE_IMAGE": BASE})
+
+
+def trainer_image() -> Image:
+    return Image("trainer", REPO / "trainer-image" / "Dockerfile", REPO,
+                 ("trainer-image/Dockerfile", *PYTHON_SOURCES), {"BASE_IMAGE": BASE})
+
+
+def binary_image(name: str, binary: Path, entrypoint: list[str]) -> Image:
+    """An image holding one static binary at /<name> (pause, CoreDNS)."""
+    folder = cache_root() / "image-context" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / name).exists() or (folder / name).read_bytes() != binary.read_bytes():
+        shutil.copy2(binary, folder / name)
+    entry = ", ".join(f'"{a}"' for a in entrypoint)
+    (folder / "Containerfile").write_text(f"FROM scratch\nCOPY {name} /{name}\n"
+                                          f"USER 65532:65532\nENTRYPOINT [{entry}]\n")
+    return Image(name, folder / "Containerfile", folder, (name,))
+
+
+# -- buildah ------------------------------------------------------------------------------------
+
+def buildah(*args: str, check: bool = True, capture: bool = True, **kw) -> subprocess.CompletedProcess:
+    storage = cache_root() / f"buildah-{STORAGE_DRIVER}"
+    argv = ["buildah", f"--root={storage}/root", f"--runroot={storage}/run",
+            f"--storage-driver={STORAGE_DRIVER}", *args]
+    proc = subprocess.run(argv, capture_output=capture, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise ImageError(f"buildah {' '.join(args[:3])} failed ({proc.returncode}):\n"
+                         f"{(proc.stderr or '')[-3000:]}")
+    return proc
+
+
+def exists(tag: str) -> bool:
+    return buildah("inspect", "--type=image", tag, check=False).returncode == 0
+
+
+def ensure_base() -> str:
+    """The stand-in base: Debian from debootstrap, with python3 and venv, no pip cache or lists."""
+    if exists(BASE):
+        return BASE
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kubetune-base-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+             DEBIAN_SUITE, str(rootfs), DEBIAN_MIRROR], "debootstrap")
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for p in (rootfs / junk).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        tarball = Path(tmp) / "rootfs.tar"
+        run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."], "tar")
+        container = buildah("from", "scratch").stdout.strip()
+        try:
+            buildah("add", container, str(tarball), "/")
+            buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "--env", "LANG=C.UTF-8", "--cmd", "python3", container)
+            buildah("commit", "--rm", container, BASE)
+        except BaseException:
+            buildah("rm", container, check=False)
+            raise
+    log.info("built %s in %.0fs", BASE, time.monotonic() - started)
+    return BASE
+
+
+# pip inside a build reaches the package index as this machine does (its CA bundle, its pip.conf).
+HOST_PIP_FILES = ("/etc/pip.conf", "/etc/ssl/certs/ca-certificates.crt")
+
+
+def build(image: Image) -> str:
+    """Build `image` unless its content-hash tag exists; the tag."""
+    tag = image.tag
+    if exists(tag):
+        return tag
+    started = time.monotonic()
+    args = ["bud", "--layers", "--network=host", "-f", str(image.containerfile), "-t", tag]
+    for key, value in image.build_args.items():
+        args.append(f"--build-arg={key}={value}")
+    for path in HOST_PIP_FILES:
+        if os.path.exists(path):
+            args.append(f"--volume={path}:{path}:ro")
+    log_path = cache_root() / f"image-{image.name}.log"
+    with open(log_path, "w") as out:
+        proc = buildah(*args, str(image.context), check=False, capture=False, stdout=out,
+                       stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise ImageError(f"building the {image.name} image failed; end of {log_path}:\n"
+                         f"{log_path.read_text(errors='replace')[-3000:]}")
+    log.info("built %s in %.0fs", tag, time.monotonic() - started)
+    return tag
+
+
+def load(tag: str, ctr_address: Path, alias: str | None = None) -> None:
+    """Import `tag` into the containerd at `ctr_address` (namespace k8s.io), also as `alias`."""
+    with tempfile.TemporaryDirectory(prefix="kubetune-img-", dir=cache_root()) as tmp:
+        archive = Path(tmp) / "image.tar"
+        buildah("push", tag, f"docker-archive:{archive}:{tag}")
+        ctr = ["ctr", f"--address={ctr_address}", "-n", "k8s.io"]
+        run([*ctr, "images", "import", str(archive)], f"ctr import {tag}")
+    if alias:
+        run([*ctr, "images", "tag", "--force", tag, alias], f"ctr tag {alias}")
+
+
+def run(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ImageError(f"{what} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
