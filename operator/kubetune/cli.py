@@ -140,7 +140,11 @@ def cmd_operator(_: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .cli_runs import add_run_commands
+    from .settings import operator_version
+
     top = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
+    top.add_argument("--version", action="version", version=f"kubetune {operator_version()}")
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a TrainingRun end to end")
     run.add_argument("file")
@@ -151,6 +155,7 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.set_defaults(func=cmd_validate)
     sub.add_parser("operator", help="run the operator").set_defaults(func=cmd_operator)
+    add_run_commands(sub)  # get, list, events, cancel, delete
     return top
 
 
@@ -172,4 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As `python -m kubetune.cli`, this file is `__main__`; the command modules import
+    # `kubetune.cli`, so run that module's main to catch their CliError.
+    from kubetune.cli import main as package_main
+
+    sys.exit(package_main())

@@ -19,10 +19,9 @@ from __future__ import annotations
 import builtins
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import models_catalog
-from . import client
 from .errors import InvalidArgumentsError
 from .follow import display_for_environment, follow
 from .query import Filters, select
@@ -38,6 +37,9 @@ from .types import (
     model_constants,
     run_from_resource,
 )
+
+if TYPE_CHECKING:
+    from .client import Runs
 
 DEFAULT_LIMIT = 100
 RunRef = str | TrainingRun
@@ -99,7 +101,7 @@ def create(
                  "data_prep_cluster_id": data_prep_cluster_id}
     if not isinstance(model, str) or not model.strip():
         raise InvalidArgumentsError("model must name a model: a Hugging Face id or a model folder")
-    with client.connect(namespace) as runs:
+    with _connect(namespace) as runs:
         resource = build_resource(arguments, name=name or run_name(model), namespace=runs.namespace,
                                   owner=runs.whoami(), labels=labels, extra_spec=spec)
         return run_from_resource(runs.create(resource))
@@ -108,7 +110,7 @@ def create(
 def get(training_run: RunRef, *, namespace: str | None = None) -> TrainingRun:
     """The run of that name (or that run object, fetched again); RunNotFoundError if none."""
     name, namespace = _reference(training_run, namespace)
-    with client.connect(namespace) as runs:
+    with _connect(namespace) as runs:
         return run_from_resource(runs.get(name))
 
 
@@ -135,7 +137,7 @@ def list(  # noqa: A001 - the service's name
     filters = Filters.from_arguments(training_runs=training_runs, experiment_id=experiment_id,
                                      statuses=statuses, user_emails=user_emails, before=before,
                                      after=after, limit=limit)
-    with client.connect(namespace) as runs:
+    with _connect(namespace) as runs:
         items = runs.list(all_namespaces=all_namespaces, selector=selector).get("items") or []
     chosen = select([run_from_resource(item) for item in items], filters)
     if not include_details:
@@ -156,7 +158,7 @@ def cancel(
     if bool(runs) == bool(experiment_id):
         raise InvalidArgumentsError("give cancel() either the run(s) or an MLflow experiment_id, not "
                                     + ("both" if runs else "neither"))
-    with client.connect(_namespace_of(runs, namespace)) as api:
+    with _connect(_namespace_of(runs, namespace)) as api:
         targets = resolve_targets(api, runs, namespace) if runs else [
             run for run in (run_from_resource(i) for i in api.list().get("items") or [])
             if run.experiment_id == experiment_id]
@@ -172,7 +174,7 @@ def delete(runs: RunRef | builtins.list[str] | builtins.list[TrainingRun], *,
     service's SDK 1.0.0 had this function; 1.1.8 dropped it.)"""
     if not runs:
         raise InvalidArgumentsError("give delete() the run(s) to delete")
-    with client.connect(_namespace_of(runs, namespace)) as api:
+    with _connect(_namespace_of(runs, namespace)) as api:
         targets = resolve_targets(api, runs, namespace)
         for run in targets:
             api.delete(run.name, run.namespace)
@@ -186,7 +188,7 @@ def get_events(training_run: RunRef, follow: bool = False, *, namespace: str | N
     loss, ETA) while it trains, in the notebook's output cell or on the terminal, and returns when
     the run ends (COMPLETED, FAILED or STOPPED). It listens to a watch on the resource: no polling."""
     name, namespace = _reference(training_run, namespace)
-    with client.connect(namespace) as runs:
+    with _connect(namespace) as runs:
         if not follow:
             return events_of(runs.get(name))
         runs.get(name)  # RunNotFoundError before anything is shown
@@ -194,7 +196,7 @@ def get_events(training_run: RunRef, follow: bool = False, *, namespace: str | N
     return ended.events
 
 
-def follow_run(runs: client.Runs, name: str, display) -> TrainingRun:
+def follow_run(runs: Runs, name: str, display) -> TrainingRun:
     """Show the run's changes on `display` until it ends; the run as it ended."""
     changes = runs.watch(name=name)
     try:
@@ -226,6 +228,12 @@ def get_models() -> ObjectList:
 
 # --- helpers ---------------------------------------------------------------------------------
 
+def _connect(namespace: str | None) -> Runs:
+    from .client import connect  # the kubernetes client loads on first use, not on import
+
+    return connect(namespace)
+
+
 def _reference(run: RunRef, namespace: str | None) -> tuple[str, str | None]:
     if isinstance(run, TrainingRun):
         return run.name, namespace or run.namespace
@@ -246,7 +254,7 @@ def _namespace_of(runs: Any, namespace: str | None) -> str | None:
     return first.namespace if isinstance(first, TrainingRun) else None
 
 
-def resolve_targets(api: client.Runs, runs: Any, namespace: str | None) -> builtins.list[TrainingRun]:
+def resolve_targets(api: Runs, runs: Any, namespace: str | None) -> builtins.list[TrainingRun]:
     """Each named run as it is now; RunNotFoundError (before any change) if one is missing."""
     found = []
     for ref in _many(runs):
@@ -255,7 +263,7 @@ def resolve_targets(api: client.Runs, runs: Any, namespace: str | None) -> built
     return found
 
 
-def cancel_active(api: client.Runs, targets: builtins.list[TrainingRun]) -> builtins.list[TrainingRun]:
+def cancel_active(api: Runs, targets: builtins.list[TrainingRun]) -> builtins.list[TrainingRun]:
     """Ask the operator to stop each run that has not ended (the cancel annotation); those runs."""
     active = [run for run in targets if not run.status.is_terminal()]
     for run in active:
