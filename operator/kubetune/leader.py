@@ -76,7 +76,8 @@ class LeaseElector:
         self.duration_s, self.retry_s = duration_s, retry_s
         self.lost = threading.Event()
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, create: bool = True) -> bool:
+        """Hold the lease now; `create=False` (renewing) never makes one that was deleted."""
         from kubernetes.client.exceptions import ApiException
 
         now = dt.datetime.now(dt.timezone.utc)
@@ -86,6 +87,8 @@ class LeaseElector:
             if error.status != 404:
                 raise
             current = None
+        if current is None and not create:
+            return False  # deleted under us (an uninstall, an admin): leadership is not certain
         wanted = decide_lease(current and state_of(current), self.me, now, self.duration_s)
         if wanted is None:
             return False
@@ -129,7 +132,7 @@ class LeaseElector:
         deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.duration_s)
         while not stop.wait(self.duration_s / 3):
             try:
-                renewed = self.try_acquire()
+                renewed = self.try_acquire(create=False)
             except Exception as error:  # an unreachable API server is not leadership
                 log.warning("leader election: renew failed: %s", error)
                 renewed = False
