@@ -10,6 +10,8 @@
   templates render as a ClusterRole or per-namespace Roles.
 - `charts/kubetune/files/`: the Grafana dashboard (`grafana/`) and the alert rules
   (`prometheus/`), which the chart wraps in a ConfigMap and a PrometheusRule.
+- `argocd/argocd-cm.yaml`: the Argo CD health check of `argocd/resource_customizations/`, as the
+  `argocd-cm` entry for installations that do not ship it built in.
 """
 
 from __future__ import annotations
@@ -50,8 +52,21 @@ def rbac_rules() -> str:
     return HEADER.format(source="operator/kubetune/rbac.py") + yaml.safe_dump(rules, sort_keys=True)
 
 
+HEALTH_LUA = REPO / "argocd" / "resource_customizations" / "kubetune.dev" / "TrainingRun" / "health.lua"
+
+
+def argocd_cm() -> str:
+    """A merge patch for argocd-cm: `kubectl -n argocd patch cm argocd-cm --patch-file argocd/argocd-cm.yaml`."""
+    script = "".join(f"    {line}" if line.strip() else line
+                     for line in HEALTH_LUA.read_text().splitlines(keepends=True))
+    return (HEADER.format(source=str(HEALTH_LUA.relative_to(REPO)))
+            + "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: argocd-cm\n  namespace: argocd\n"
+            + "data:\n  resource.customizations.health.kubetune.dev_TrainingRun: |\n" + script)
+
+
 def wanted() -> dict[Path, str]:
-    files = {CHART / "crds" / CRD_NAME: chart_crd(), CHART / "files" / "rbac-rules.yaml": rbac_rules()}
+    files = {CHART / "crds" / CRD_NAME: chart_crd(), CHART / "files" / "rbac-rules.yaml": rbac_rules(),
+             REPO / "argocd" / "argocd-cm.yaml": argocd_cm()}
     for target, source in COPIES.items():
         files[CHART / target] = (REPO / source).read_text()
     return files
