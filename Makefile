@@ -61,6 +61,7 @@ test-e2e: setup control-plane
 
 crds: setup
 	$(PY) -m kubetune.crdgen
+	$(PY) tools/chart_sync.py  # the chart's copy of the CRD (tests/chart checks it)
 
 lint: setup
 	$(VENV)/bin/lint-imports --config pyproject.toml
