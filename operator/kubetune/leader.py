@@ -12,6 +12,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from .timestamps import micro_timestamp
+
 log = logging.getLogger("kubetune.leader")
 
 
@@ -40,10 +42,6 @@ def decide_lease(lease: LeaseState | None, me: str, now: dt.datetime, duration_s
     return None
 
 
-def _micro(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def lease_body(name: str, state: LeaseState, resource_version: str | None = None) -> dict:
     metadata = {"name": name}
     if resource_version:
@@ -55,7 +53,7 @@ def lease_body(name: str, state: LeaseState, resource_version: str | None = None
         "spec": {
             "holderIdentity": state.holder,
             "leaseDurationSeconds": state.duration_s,
-            "renewTime": _micro(state.renewed),
+            "renewTime": micro_timestamp(state.renewed),
             "leaseTransitions": state.transitions,
         },
     }

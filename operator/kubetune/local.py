@@ -1,41 +1,53 @@
-"""`kubetune run RUN.yaml --local`: the operator's own `decide`, with children as local processes.
+"""`kubetune run RUN.yaml --local`: the operator's own tick, with children as local processes.
 
-The plan's Jobs are started as processes from the very manifests the cluster would get (their
-command, env and completion indexes), so a local run exercises the same steps as a cluster run.
-What a kubelet would do is played minimally here: `$(VAR)` expansion, the downward-API fields
-the manifests use, the config volume as a folder, rank 0's address as the loopback.
-The run's status is kept in `<workdir>/<name>/status.json`: running again resumes.
+`LocalCluster` is local mode's `tick.Cluster`: the plan's Jobs start as processes from the very
+manifests the cluster would get, and their state comes back in the API's shape, so a local
+run goes through the same `tick.reconcile` (observe → decide → apply) as a cluster run. What a
+kubelet would do comes from `kubelet` (the environment, the termination message), what the Job
+controller would do is played minimally here (a pod per completion index, retries within
+backoffLimit), and rank 0's address is the loopback. The config volume is a folder, and the
+run's status is kept in `<workdir>/<name>/status.json`: running again resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from kubetune_trainer.config import RunConfig, is_object_store
-from kubetune_trainer.storage import SCRATCH_ENV, stage_dir
+from kubetune_trainer.contract import (
+    ENV_MASTER_ADDR,
+    ENV_MLFLOW_TRACKING_URI,
+    ENV_SCRATCH_DIR,
+    ENV_TERMINATION_LOG,
+    EXIT_PERMANENT,
+)
 
 from .api import TERMINAL, Phase
-from .manifests import COMPLETION_INDEX_ANNOTATION, LABEL_ATTEMPT, LABEL_COMPONENT, Component
-from .reconcile import JobState, Observed, Plan, PodState, decide, parse_termination_message
+from .kubelet import command_line, exit_code_of, resolve_env, tail_bytes, termination_message
+from .manifests import COMPLETION_INDEX_ANNOTATION, JOB_NAME_LABEL, LABEL_RUN
+from .reconcile import ChildRef, PlannedEvent
 from .settings import OperatorSettings
+from .tick import Children, ProgressReader, reconcile
+from .timestamps import now_iso
 
 PATH_FIELDS = ("model", "trainDataPath", "evalDataPath", "customWeightsPath")
-LOG_TAIL_BYTES = 2000
+LOOPBACK = "127.0.0.1"  # every pod's IP: all "nodes" are this machine
+LOG_TAIL_BYTES = 4096
+PROGRESS_INTERVAL = 1.0  # seconds between reads of rank 0's progress (a terminal, not an API)
 
 
-# --- pure helpers ------------------------------------------------------------------------------
+# --- the run as the API server would store it ------------------------------------------------
 
 def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """RFC 7386 JSON merge patch, as the API server applies a status patch."""
@@ -68,7 +80,7 @@ def local_body(document: Mapping[str, Any], cwd: Path, workdir: Path) -> dict[st
     meta.setdefault("namespace", "default")
     meta["uid"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{workdir.resolve()}/{meta['namespace']}/{name}"))
     meta.setdefault("generation", 1)
-    meta.setdefault("creationTimestamp", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    meta.setdefault("creationTimestamp", now_iso())
     spec = document.get("spec")
     return {**document, "metadata": meta,
             "spec": absolutize(spec, cwd) if isinstance(spec, Mapping) else spec}
@@ -81,7 +93,7 @@ def local_settings(workdir: Path) -> OperatorSettings:
         torchrun_command=[sys.executable, "-m", "torch.distributed.run"],
         storage_claim_name=None,
         storage_uri=str(workdir / "storage"),
-        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}",
+        mlflow_tracking_uri=os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"sqlite:///{workdir / 'mlflow.db'}",
         metrics_port=free_port(),  # rank 0 serves here; a fixed port would collide between runs
         config_mount_path=str(workdir / "config"),
     )
@@ -89,52 +101,36 @@ def local_settings(workdir: Path) -> OperatorSettings:
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
-_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-
-
-def expand(text: str, env: Mapping[str, str]) -> str:
-    """The kubelet's `$(VAR)` expansion in commands: unknown references stay as written."""
-    return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text)
-
-
-def field_value(path: str, pod_name: str, index: int, namespace: str) -> str:
-    return {
-        f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']": str(index),
-        "metadata.name": pod_name,
-        "metadata.namespace": namespace,
-        "status.podIP": "127.0.0.1",
-    }.get(path, "")
-
+# --- processes standing for pods ------------------------------------------------------------
 
 def container_env(container: Mapping[str, Any], pod_name: str, index: int, namespace: str,
-                  config_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
-    for item in container.get("env") or []:
-        if "value" in item:
-            value = item["value"]
-        elif "fieldRef" in (item.get("valueFrom") or {}):
-            value = field_value(item["valueFrom"]["fieldRef"]["fieldPath"], pod_name, index, namespace)
-        else:  # secrets: locally, the user's own environment provides them
-            continue
-        env[item["name"]] = value
-    env["HOME"] = os.environ.get("HOME", str(config_dir))  # the pods' /tmp home is not ours
+                  stage_dir: Path) -> dict[str, str]:
+    """The kubelet's environment for a local process: the user's own environment (operator
+    settings left out) in place of the image's, secrets left to it too, every node on the
+    loopback."""
+    pod = {"metadata": {"name": pod_name, "namespace": namespace,
+                        "annotations": {COMPLETION_INDEX_ANNOTATION: str(index)}},
+           "status": {"podIP": LOOPBACK, "hostIP": LOOPBACK}}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
+    env = resolve_env(without_secrets(container), pod, lookup=lambda *_: None, base=inherited)
+    env["HOME"] = os.environ.get("HOME", str(stage_dir))  # the pods' /tmp home is not ours
     env.pop("HF_HOME", None)
-    if "MASTER_ADDR" in env:
-        env["MASTER_ADDR"] = "127.0.0.1"  # every "node" is this machine
-    if SCRATCH_ENV in env:  # an object-store work_dir: stage beside the run, not in the shared /tmp
-        env[SCRATCH_ENV] = str(stage_base(config_dir.parent))
+    if ENV_MASTER_ADDR in env:
+        env[ENV_MASTER_ADDR] = LOOPBACK
+    if ENV_SCRATCH_DIR in env:  # an object-store work_dir: stage beside the run, not in /tmp
+        env[ENV_SCRATCH_DIR] = str(stage_dir)
     return env
 
 
-def stage_base(workdir: Path) -> Path:
-    return workdir / "stage"
+def without_secrets(container: Mapping[str, Any]) -> dict[str, Any]:
+    """Locally, the user's own environment provides what Secrets would."""
+    env = [v for v in container.get("env") or [] if "secretKeyRef" not in (v.get("valueFrom") or {})]
+    return {**container, "env": env, "envFrom": []}
 
-
-# --- processes standing for pods ------------------------------------------------------------
 
 @dataclass
 class LocalPod:
@@ -156,7 +152,7 @@ class LocalPod:
 
     def start(self, cwd: Path) -> None:
         self.result_file.unlink(missing_ok=True)
-        env = {**self.env, "KUBETUNE_TERMINATION_LOG": str(self.result_file)}
+        env = {**self.env, ENV_TERMINATION_LOG: str(self.result_file)}
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(self.argv, env=env, cwd=cwd, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -170,79 +166,157 @@ class LocalPod:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
-    def state(self) -> PodState:
+    @property
+    def exit_code(self) -> int | None:
         code = self.process.poll() if self.process else None
+        return None if code is None else exit_code_of(code)
+
+    def status(self, policy: str) -> dict[str, Any]:
+        """The pod's status as the kubelet reports it."""
+        code = self.exit_code
         if code is None:
-            return PodState(self.name, "Running", self.index, ip="127.0.0.1")
-        text = self.result_file.read_text() if self.result_file.exists() else ""
-        result = parse_termination_message(text)
-        message = "" if result else tail(self.log_file)
-        return PodState(self.name, "Succeeded" if code == 0 else "Failed", self.index,
-                        exit_code=code, result=result, message=message, ip="127.0.0.1")
-
-
-def tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
-    if not path.exists():
-        return ""
-    data = path.read_bytes()[-size:]
-    return data.decode(errors="replace").strip()
+            return {"phase": "Running", "podIP": LOOPBACK,
+                    "containerStatuses": [{"state": {"running": {}}}]}
+        result = self.result_file.read_bytes() if self.result_file.exists() else b""
+        message = termination_message(result, tail_bytes(self.log_file, LOG_TAIL_BYTES), code, policy)
+        return {"phase": "Succeeded" if code == 0 else "Failed", "podIP": LOOPBACK,
+                "containerStatuses": [{"state": {"terminated": {
+                    "exitCode": code, "message": message, "reason": "Completed" if code == 0 else "Error"}}}]}
 
 
 @dataclass
 class LocalJob:
+    """A Job and its pods, shown to `observe` as the Job controller and kubelet would."""
+
     manifest: Mapping[str, Any]
     pods: list[LocalPod] = field(default_factory=list)
-    deleted: bool = False
 
     @property
     def name(self) -> str:
         return self.manifest["metadata"]["name"]
 
     @property
+    def container(self) -> Mapping[str, Any]:
+        return self.manifest["spec"]["template"]["spec"]["containers"][0]
+
+    @property
     def backoff_limit(self) -> int:
         return int(self.manifest["spec"].get("backoffLimit") or 0)
 
-    def supervise(self, cwd: Path) -> None:
-        """Restart a pod that failed retryably, as the Job controller would within backoffLimit."""
+    def supervise(self, cwd: Path, permanent_exit: int) -> None:
+        """Start a pod that failed retryably again, as the Job controller would within backoffLimit."""
         for pod in self.pods:
-            state = pod.state()
-            if state.failed and not state.permanent and pod.restarts < self.backoff_limit:
+            code = pod.exit_code
+            if code not in (None, 0, permanent_exit) and pod.restarts < self.backoff_limit:
                 pod.restarts += 1
                 pod.start(cwd)
 
-    def state(self) -> JobState:
-        labels = self.manifest["metadata"].get("labels") or {}
-        pods = tuple(pod.state() for pod in self.pods)
-        failed = [p for p in pods if p.failed]
-        gave_up = [p for p in failed if p.permanent or self._pod(p.name).restarts >= self.backoff_limit]
-        succeeded = sum(p.phase == "Succeeded" for p in pods)
-        return JobState(
-            name=self.name,
-            component=Component(labels.get(LABEL_COMPONENT, Component.PREP.value)),
-            attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0),
-            active=sum(p.phase == "Running" for p in pods),
-            succeeded=succeeded,
-            completions=len(pods),
-            complete=succeeded == len(pods),
-            failed_reason="BackoffLimitExceeded" if gave_up else None,
-            pods=pods,
-        )
+    def api_objects(self, permanent_exit: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(the Job, its pods) in the API's shape."""
+        policy = self.container.get("terminationMessagePolicy", "File")
+        meta = self.manifest["metadata"]
+        template_labels = self.manifest["spec"]["template"]["metadata"]["labels"]
+        pods = [{"metadata": {"name": pod.name, "namespace": meta["namespace"],
+                              "labels": {**template_labels, JOB_NAME_LABEL: self.name},
+                              "annotations": {COMPLETION_INDEX_ANNOTATION: str(pod.index)}},
+                 "status": pod.status(policy)} for pod in self.pods]
+        codes = [pod.exit_code for pod in self.pods]
+        gave_up = any(code == permanent_exit or (code not in (None, 0) and pod.restarts >= self.backoff_limit)
+                      for code, pod in zip(codes, self.pods))
+        conditions = []
+        if gave_up:
+            conditions.append({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+        elif all(code == 0 for code in codes):
+            conditions.append({"type": "Complete", "status": "True"})
+        status = {"active": codes.count(None), "succeeded": codes.count(0), "conditions": conditions}
+        return {**self.manifest, "status": status}, pods
 
-    def _pod(self, name: str) -> LocalPod:
-        return next(pod for pod in self.pods if pod.name == name)
 
+class LocalCluster:
+    """Local mode's `tick.Cluster`: one run's children as processes and folders on this machine."""
 
-def pods_of(job: Mapping[str, Any], config_dir: Path, folder: Path) -> list[LocalPod]:
-    spec = job["spec"]
-    container = spec["template"]["spec"]["containers"][0]
-    namespace = job["metadata"]["namespace"]
-    pods = []
-    for index in range(int(spec.get("completions") or 1)):
-        name = f"{job['metadata']['name']}-{index}"
-        env = container_env(container, name, index, namespace, config_dir)
-        argv = [expand(arg, env) for arg in [*container.get("command", []), *container.get("args", [])]]
-        pods.append(LocalPod(name, index, argv, env, folder))
-    return pods
+    def __init__(self, body: dict[str, Any], workdir: Path, settings: OperatorSettings,
+                 say: Callable[[str], None]):
+        self.body, self.workdir, self.settings, self.say = body, workdir, settings, say
+        self.folder = workdir / body["metadata"]["name"]
+        self.config_dir = Path(settings.config_mount_path)
+        for folder in (self.folder, self.config_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, LocalJob] = {}
+        self.services: dict[str, Mapping[str, Any]] = {}
+        self.permanent_exit = EXIT_PERMANENT
+
+    @property
+    def status_file(self) -> Path:
+        return self.folder / "status.json"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.workdir / "stage"
+
+    def supervise(self) -> None:
+        for job in self.jobs.values():
+            job.supervise(self.workdir, self.permanent_exit)
+
+    # -- what exists ---------------------------------------------------------------------------
+    def children(self, namespace: str, run: str) -> Children:
+        jobs, pods = [], []
+        for job in self.jobs.values():
+            job_object, job_pods = job.api_objects(self.permanent_exit)
+            jobs.append(job_object)
+            pods.extend(job_pods)
+        return {"jobs": jobs, "pods": pods, "config_maps": self._config_maps(run),
+                "services": list(self.services.values())}
+
+    def _config_maps(self, run: str) -> list[dict[str, Any]]:
+        """The config volume's folder is the ConfigMap: it outlives this process, so a run
+        started again keeps the snapshot it began with."""
+        files = {f.name: f.read_text() for f in sorted(self.config_dir.glob("*")) if f.is_file()}
+        if not files:
+            return []
+        return [{"metadata": {"name": f"{run}-config", "labels": {LABEL_RUN: run}}, "data": files}]
+
+    # -- the plan's writes -----------------------------------------------------------------------
+    def create(self, manifest: Mapping[str, Any]) -> None:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        if kind == "ConfigMap":
+            for key, text in (manifest.get("data") or {}).items():
+                (self.config_dir / key).write_text(text)
+        elif kind == "Service":
+            self.services[name] = manifest
+        elif kind == "Job" and name not in self.jobs:
+            job = LocalJob(manifest, self._pods(manifest))
+            for pod in job.pods:
+                pod.start(self.workdir)
+            self.jobs[name] = job
+
+    def _pods(self, job: Mapping[str, Any]) -> list[LocalPod]:
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        namespace, pods = job["metadata"]["namespace"], []
+        for index in range(int(job["spec"].get("completions") or 1)):
+            name = f"{job['metadata']['name']}-{index}"
+            env = container_env(container, name, index, namespace, self.stage_dir)
+            pods.append(LocalPod(name, index, command_line(container, env), env, self.folder))
+        return pods
+
+    def delete(self, ref: ChildRef) -> None:
+        job = self.jobs.pop(ref.name, None)
+        for pod in job.pods if job else ():
+            pod.stop()
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.body["status"] = merge_patch(self.body.get("status") or {}, status)
+        self.status_file.write_text(json.dumps(self.body["status"], indent=2))
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        """ttlSecondsAfterFinished: a local run leaves its status file for the person who ran it."""
+
+    def post_event(self, run: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
+        self.say(f"{event.time}  {event.type.value:<16} {event.message}")
+
+    def stop_all(self) -> None:
+        for name in list(self.jobs):
+            self.delete(ChildRef("Job", name, ""))
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -251,90 +325,22 @@ class LocalRun:
     def __init__(self, body: dict[str, Any], workdir: Path, settings: OperatorSettings,
                  say: Callable[[str], None] = print):
         self.body, self.workdir, self.settings, self.say = body, workdir.resolve(), settings, say
-        self.folder = self.workdir / body["metadata"]["name"]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        Path(settings.config_mount_path).mkdir(parents=True, exist_ok=True)
-        self.jobs: dict[str, LocalJob] = {}
-        self.services: set[str] = set()
+        self.cluster = LocalCluster(body, self.workdir, settings, say)
+        self.progress = ProgressReader(PROGRESS_INTERVAL)
         self.last_progress = ""
-        self.body["status"] = self._saved_status()
+        if self.cluster.status_file.exists():
+            self.body["status"] = json.loads(self.cluster.status_file.read_text())
 
     @property
-    def status_file(self) -> Path:
-        return self.folder / "status.json"
+    def phase(self) -> str:
+        return (self.body.get("status") or {}).get("phase") or Phase.PENDING.value
 
-    def _saved_status(self) -> dict[str, Any]:
-        if self.status_file.exists():
-            return json.loads(self.status_file.read_text())
-        return self.body.get("status") or {}
-
-    def config(self) -> RunConfig | None:
-        path = Path(self.settings.config_file)
-        return RunConfig.model_validate_json(path.read_text()) if path.exists() else None
-
-    def progress(self, config: RunConfig | None) -> dict[str, Any] | None:
-        path = self.progress_file(config) if config else None
-        if path is None or not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError:  # caught mid-write by a non-atomic writer: next tick
-            return None
-
-    def progress_file(self, config: RunConfig) -> Path:
-        """Rank 0 writes progress into its working copy: the work_dir, or its staging copy."""
-        if not is_object_store(config.work_dir):
-            return Path(config.progress_file)
-        return stage_dir(config.work_dir, str(stage_base(self.workdir))) / "result" / "progress.json"
-
-    def observed(self) -> Observed:
-        live = [job.state() for job in self.jobs.values() if not job.deleted]
-        config = self.config()
-        by = {c: [j for j in live if j.component is c] for c in Component}
-        return Observed(
-            config_map=config is not None, config=config, service=bool(self.services),
-            prep=next(iter(by[Component.PREP]), None),
-            train=tuple(sorted(by[Component.TRAIN], key=lambda j: j.attempt)),
-            finalize=next(iter(by[Component.FINALIZE]), None),
-            progress=self.progress(config) if by[Component.TRAIN] else None,
-        )
-
-    def create(self, manifest: Mapping[str, Any]) -> None:
-        kind, name = manifest["kind"], manifest["metadata"]["name"]
-        if kind == "ConfigMap":
-            for key, text in (manifest.get("data") or {}).items():
-                (Path(self.settings.config_mount_path) / key).write_text(text)
-        elif kind == "Service":
-            self.services.add(name)
-        elif kind == "Job" and name not in self.jobs:
-            job = LocalJob(manifest, pods_of(manifest, Path(self.settings.config_mount_path), self.folder))
-            for pod in job.pods:
-                pod.start(self.workdir)
-            self.jobs[name] = job
-
-    def delete(self, name: str) -> None:
-        job = self.jobs.pop(name, None)
-        if job is not None:
-            for pod in job.pods:
-                pod.stop()
-        self.services.discard(name)
-
-    def apply(self, plan: Plan) -> None:
-        for ref in plan.delete:
-            self.delete(ref.name)
-        for manifest in plan.create:
-            self.create(manifest)
-        if plan.status:
-            self.body["status"] = merge_patch(self.body.get("status") or {}, plan.status)
-            self.status_file.write_text(json.dumps(self.body["status"], indent=2))
-        for event in plan.events:
-            self.say(f"{event.time}  {event.type.value:<16} {event.message}")
-
-    def step(self) -> Plan:
-        for job in self.jobs.values():
-            job.supervise(self.workdir)
-        plan = decide(self.body, self.observed(), datetime.now(timezone.utc), self.settings)
-        self.apply(plan)
+    def step(self):
+        self.cluster.supervise()
+        meta = self.body["metadata"]
+        children = self.cluster.children(meta["namespace"], meta["name"])
+        plan = reconcile(self.cluster, self.body, children, self.settings, self.progress,
+                         datetime.now(timezone.utc))
         self.show_progress()
         return plan
 
@@ -346,10 +352,6 @@ class LocalRun:
         if line != self.last_progress:
             self.last_progress = line
             self.say(line)
-
-    @property
-    def phase(self) -> str:
-        return (self.body.get("status") or {}).get("phase") or Phase.PENDING.value
 
     def cancel(self) -> None:
         self.body.setdefault("metadata", {}).setdefault("annotations", {})[
@@ -367,8 +369,7 @@ class LocalRun:
             self.cancel()
             self.step()
         finally:
-            for name in list(self.jobs):
-                self.delete(name)
+            self.cluster.stop_all()
         return self.phase
 
 

@@ -2,7 +2,8 @@
 
 Children and their deterministic names:
 
-- ConfigMap `<run>-config`: the resolved `RunConfig` (`config.json`), immutable, built once.
+- ConfigMap `<run>-config`: the run's snapshot (`snapshot.py`: the resolved `RunConfig` and
+  the spec it started with), immutable, built once; every other child is built from it.
 - Job `<run>-prep`: data preparation, CPU only.
 - Service `<run>-train`: headless, gives every training pod a stable DNS name.
 - Indexed Job `<run>-train-<attempt>`: one pod per node. The attempt is in the name so a retry
@@ -26,6 +27,7 @@ from kubetune_trainer.config import RunConfig, is_object_store
 from .api import API_VERSION, GROUP, KIND, TrainingRun
 from .resolve import storage_claim
 from .settings import OperatorSettings
+from .snapshot import snapshot_data
 
 
 LABEL_NAME = "app.kubernetes.io/name"
@@ -150,8 +152,9 @@ def build_config_map(ctx: BuildContext) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(ctx, config_map_name(ctx.name), Component.CONFIG),
-        "immutable": True,  # a snapshot: later edits of the run never reach running steps
-        "data": {"config.json": ctx.config.model_dump_json(indent=2)},
+        "immutable": True,  # the snapshot: later edits of the run never reach its children
+        "data": snapshot_data(ctx.config, ctx.run.spec.model_dump(by_alias=True, exclude_unset=True,
+                                                                   mode="json")),
     }
 
 

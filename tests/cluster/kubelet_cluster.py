@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kubetune.rbac import build_rbac
+
 from . import binaries, images
 from .controlplane import CONTROLLERS, NODE_CONTROLLERS, ControlPlane
 from .node import Network, Nodes, NodeError, build_node_binaries, preflight
@@ -63,7 +65,7 @@ class KubeletCluster:
             self.control_plane = ControlPlane(cp_bin, self.workdir / "control-plane",
                                               advertise_address=self.network.host_ip,
                                               controllers=CONTROLLERS + NODE_CONTROLLERS).start()
-            self.nodes = Nodes(self.control_plane, self.network, node_bin, self.workdir / "nodes",
+            self.nodes = Nodes(self.control_plane, self.network, node_bin, self.workdir,
                                self.node_count, self.images).start()
             self._storage_class()
         except BaseException:
@@ -87,7 +89,8 @@ class KubeletCluster:
     # -- storage ------------------------------------------------------------------------------
     def _storage_class(self) -> None:
         self.nodes._kubectl("apply", "-f", "-", input=json.dumps({
-            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": STORAGE_CLASS},
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {
+                "name": STORAGE_CLASS, "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
             "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate",
             "reclaimPolicy": "Retain"}))
 
@@ -109,6 +112,46 @@ class KubeletCluster:
 
 
 # -- make cluster / make cluster-down -----------------------------------------------------------
+
+OPERATOR_NAMESPACE = "kubetune-system"
+CRD = binaries.HERE.parents[1] / "crds" / "trainingruns.kubetune.dev.yaml"
+
+
+def operator_objects(image: str, trainer_image: str) -> list[dict]:
+    """The operator as a pod of its image, with plain manifests (until the Helm chart serves):
+    its least-privilege RBAC from kubetune.rbac, Pod Security restricted."""
+    env = {"KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
+           "KUBETUNE_STORAGE_CLAIM_NAME": "kubetune-storage"}
+    container = {
+        "name": "operator", "image": image, "imagePullPolicy": "Never",
+        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                *({"name": k, "value": v} for k, v in env.items())],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    labels = {"app.kubernetes.io/name": "kubetune-operator"}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "kubetune-operator", "namespace": OPERATOR_NAMESPACE, "labels": labels},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {
+                     "serviceAccountName": "kubetune-operator", "containers": [container],
+                     "volumes": [{"name": "tmp", "emptyDir": {}}]}}}}
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE, "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}}
+    return [namespace, *build_rbac(OPERATOR_NAMESPACE, name="kubetune-operator"), deployment]
+
+
+def deploy_operator(cluster: KubeletCluster, timeout: int = 120) -> None:
+    kubectl = cluster.nodes._kubectl
+    kubectl("apply", "--server-side", "-f", str(CRD))
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": operator_objects(
+        cluster.images["operator"], cluster.images["trainer"])}))
+    kubectl("rollout", "status", "-n", OPERATOR_NAMESPACE, "deployment/kubetune-operator",
+            f"--timeout={timeout}s", timeout=timeout + 10)
+
 
 def state_dir() -> Path:
     return binaries.cache_root() / "make-cluster"
@@ -149,6 +192,7 @@ def keep(state: Path, node_count: int) -> int:
     cluster = KubeletCluster(state / "work", node_count)
     try:
         cluster.start()
+        deploy_operator(cluster)
         (state / "ready").write_text(str(cluster.kubeconfig))
         while not stopping:
             time.sleep(0.5)

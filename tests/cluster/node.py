@@ -187,7 +187,7 @@ class Node:
 
     @property
     def socket(self) -> Path:
-        return self.dir / "containerd" / "containerd.sock"
+        return self.dir / "containerd.sock"
 
     def ctr(self, *args: str) -> list[str]:
         return ["ctr", f"--address={self.socket}", "-n", "k8s.io", *args]
@@ -252,6 +252,24 @@ class Nodes:
         node.containerd.spawn()
         node.containerd.wait_ready(timeout)
 
+    def kill_main_process(self, namespace: str, pod: str, container: str, sig: int = 9) -> int:
+        """Signal a running container's main process (SIGKILL: as the OOM killer would); its pid."""
+        for node in self.nodes:
+            ids = subprocess.run([*self._crictl(node), "ps", "-q", "--state=running", f"--name=^{container}$",
+                                  f"--label=io.kubernetes.pod.name={pod}",
+                                  f"--label=io.kubernetes.pod.namespace={namespace}"],
+                                 capture_output=True, text=True).stdout.split()
+            if ids:
+                info = json.loads(subprocess.run([*self._crictl(node), "inspect", ids[0]],
+                                                 capture_output=True, text=True, check=True).stdout)
+                pid = info["info"]["pid"]
+                os.kill(pid, sig)
+                return pid
+        raise NodeError(f"no running container {container} of pod {namespace}/{pod} on any node")
+
+    def _crictl(self, node: Node) -> list[str]:
+        return [str(self.bin_dir / "crictl"), f"--runtime-endpoint=unix://{node.socket}", "--timeout=20s"]
+
     # -- components ---------------------------------------------------------------------------
     def _component(self, name: str, argv: list[str], ready, in_netns: bool = True) -> Component:
         argv = self.network.enter(*argv) if in_netns else argv
@@ -275,7 +293,7 @@ class Nodes:
 
     def _new_node(self, i: int) -> Node:
         name = f"kubetune-node-{i}"
-        folder = self.workdir / "nodes" / name
+        folder = self.workdir / f"n{i}"   # short: unix socket paths hold at most 107 bytes
         folder.mkdir(parents=True, exist_ok=True)
         return Node(i, name, folder, self.network, f"/kubetune-{self.network.octet}-{i}")
 
@@ -358,7 +376,7 @@ class Nodes:
         """Stop every pod of the node, so no container outlives the cluster."""
         if node.containerd is None or node.containerd.proc.poll() is not None:
             return
-        crictl = [str(self.bin_dir / "crictl"), f"--runtime-endpoint=unix://{node.socket}", "--timeout=20s"]
+        crictl = self._crictl(node)
         pods = subprocess.run([*crictl, "pods", "-q"], capture_output=True, text=True).stdout.split()
         for pod in pods:
             subprocess.run([*crictl, "stopp", pod], capture_output=True)

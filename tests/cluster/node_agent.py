@@ -44,12 +44,15 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+
+from kubetune.timestamps import micro_timestamp
 
 from . import pki
 from .pods import (
@@ -68,6 +71,7 @@ from .pods import (
     rewrite_paths,
     schedulable,
     should_restart,
+    tail_bytes,
     termination_message,
 )
 
@@ -237,7 +241,7 @@ class NodeAgent:
         self.core.patch_node_status(self.node, {"status": status}, _preload_content=False)
 
     def _renew_lease(self) -> None:
-        ns, renew = "kube-node-lease", time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        ns, renew = "kube-node-lease", micro_timestamp(datetime.now(timezone.utc))
         patch = {"spec": {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS,
                           "renewTime": renew}}
         try:
@@ -672,15 +676,6 @@ def kill_all(run: PodRun, sig: int) -> None:
         signal_marked(container_mark(run, name), sig)
         if sig == signal.SIGKILL:
             proc.wait()
-
-
-def tail_bytes(path: Path, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - limit))
-            return f.read()
-    except FileNotFoundError:
-        return b""
 
 
 def write_file(path: Path, data: bytes, mode: int | None) -> None:

@@ -18,12 +18,17 @@ RESTRICTED = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation
 
 @pytest.fixture
 def python(cluster):
-    """Command and image of a container running Python: this interpreter on the local node."""
-    return ([sys.executable], "kubetune/none:local") if cluster.local else (["python"], "python:3.11-slim")
+    """Command, image and env of a container running Python: this interpreter on the node agent,
+    the trainer image on real nodes. $KUBETUNE_TERMINATION_LOG names the termination message file."""
+    if cluster.local:
+        return [sys.executable], "kubetune/none:local", {}
+    image = cluster.kubelets.images["trainer"] if cluster.kubelets else "python:3.11-slim"
+    return ["python"], image, {"KUBETUNE_TERMINATION_LOG": "/dev/termination-log"}
 
 
 def container(python, name: str, script: str, **extra) -> dict:
-    command, image = python
+    command, image, env = python
+    extra["env"] = [{"name": k, "value": v} for k, v in env.items()] + extra.get("env", [])
     return {"name": name, "image": image, "command": [*command, "-c", textwrap.dedent(script)],
             "securityContext": RESTRICTED, **extra}
 
@@ -140,6 +145,8 @@ def test_volumes_and_pod_dns_stand_ins(cluster, kubectl, namespace, python, wait
     cluster DNS name (as torchrun's MASTER_ADDR would use it) becomes its IP."""
     kubectl("create", "configmap", "cfg", "--from-literal=config.json={\"lr\": 0.1}", "-n", namespace)
     claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    if cluster.kubelets:   # a local PersistentVolume for the claim, of the default class
+        kubectl("apply", "-f", "-", input=json.dumps(cluster.kubelets.volume_for(namespace, "store")))
     apply(kubectl, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                                "metadata": {"name": "store"}, "spec": claim})
     server = container(python, "main", "import time; time.sleep(600)")

@@ -1,11 +1,15 @@
-"""The parts of the kopf shell that need no API server: naming, scraping, options."""
+"""The parts of the kopf shell that need no API server: the watch-fed store, freshness, progress
+reads, naming, options."""
 
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from kubetune.k8s.cluster import camel
-from kubetune.k8s.handlers import scrape
+from kubernetes import client
+
+from kubetune.k8s.cluster import Cluster, camel
+from kubetune.k8s.informer import ChildStore
 from kubetune.k8s.main import RuntimeOptions
+from kubetune.tick import ProgressReader, scrape
 
 METRICS = """\
 # HELP kubetune_train_progress_ratio progress
@@ -52,6 +56,24 @@ def test_an_unreachable_trainer_is_no_news_not_an_error():
     assert scrape(None) is None
 
 
+def test_progress_is_read_at_most_once_per_interval_and_the_last_report_stands():
+    reads = []
+    reader = ProgressReader(interval=3600, read=lambda url: reads.append(url) or {"percent": len(reads)})
+    assert reader.progress("u1", "http://a/metrics") == {"percent": 1}
+    assert reader.progress("u1", "http://a/metrics") == {"percent": 1}  # a child's change: no read
+    assert reader.progress("u2", "http://b/metrics") == {"percent": 2}  # another run reads its own
+    assert reads == ["http://a/metrics", "http://b/metrics"]
+    assert reader.progress("u1", None) is None  # rank 0 gone: nothing to read, nothing kept
+    assert reader.progress("u1", "http://a/metrics") == {"percent": 3}
+
+
+def test_a_failed_read_keeps_the_last_report():
+    answers = iter([{"percent": 10.0}, None])
+    reader = ProgressReader(interval=0, read=lambda url: next(answers))
+    assert reader.progress("u", "http://a") == {"percent": 10.0}
+    assert reader.progress("u", "http://a") == {"percent": 10.0}
+
+
 def test_runtime_options_from_env():
     options = RuntimeOptions.from_env({"KUBETUNE_WATCH_NAMESPACES": "a,b", "KUBETUNE_RECONCILE_INTERVAL": "2",
                                        "KUBETUNE_LEADER_ELECTION": "false", "POD_NAMESPACE": "ops"})
@@ -60,89 +82,67 @@ def test_runtime_options_from_env():
     assert RuntimeOptions.from_env({}).namespaces == ()
 
 
-class CountingCluster:
-    """A Cluster stand-in that records every API call the shell makes."""
-
-    def __init__(self, run: dict):
-        self.run, self.calls = run, []
-
-    def get_run(self, namespace, name):
-        self.calls.append("get")
-        return self.run
-
-    def children(self, namespace, name):
-        self.calls.append("list")
-        return {"jobs": [], "pods": [], "config_maps": [], "services": []}
-
-    def delete_run(self, namespace, name):
-        self.calls.append("delete_run")
-
-    def __getattr__(self, name):  # create, delete, patch_status, post_event
-        return lambda *args, **kwargs: self.calls.append(name)
+def child(name: str, run: str | None = "r", namespace: str = "ns", rv: str = "1") -> dict:
+    labels = {"kubetune.dev/run": run} if run else {}
+    return {"metadata": {"name": name, "namespace": namespace, "labels": labels, "resourceVersion": rv,
+                         "managedFields": [{"manager": "kube-controller-manager"}]}}
 
 
-def finished_run(rv: str = "7", ttl: int | None = None, finished_ago: int = 5) -> dict:
-    from datetime import datetime, timedelta, timezone
+def test_the_store_keeps_each_runs_children_by_kind():
+    store = ChildStore()
+    assert store.put("jobs", child("r-prep")) == ("ns", "r")
+    assert store.put("pods", child("r-prep-x")) == ("ns", "r")
+    assert store.put("pods", child("other-x", run="other")) == ("ns", "other")
+    assert store.put("pods", child("unlabelled", run=None)) is None
+    found = store.children("ns", "r")
+    assert [j["metadata"]["name"] for j in found["jobs"]] == ["r-prep"]
+    assert [p["metadata"]["name"] for p in found["pods"]] == ["r-prep-x"]
+    assert found["config_maps"] == [] and found["services"] == []
+    assert "managedFields" not in found["jobs"][0]["metadata"]  # never read: not kept
+    assert store.children("elsewhere", "r")["pods"] == []
 
-    done = (datetime.now(timezone.utc) - timedelta(seconds=finished_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    spec = {"model": "m", "trainDataPath": "/d.jsonl", "registerTo": "a.b"}
-    if ttl is not None:
-        spec["ttlSecondsAfterFinished"] = ttl
-    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun",
-            "metadata": {"name": "r", "namespace": "ns", "uid": "u-1", "resourceVersion": rv},
-            "spec": spec, "status": {"phase": "Succeeded", "completionTime": done}}
-
-
-def test_a_quiet_finished_run_costs_no_api_call_until_it_changes():
-    from kubetune.k8s.handlers import QuietRuns, reconcile
-    from kubetune.settings import OperatorSettings
-
-    settings, quiet = OperatorSettings(), QuietRuns()
-    run = finished_run()
-    cluster = CountingCluster(run)
-    reconcile(cluster, "ns", "r", settings, quiet, run)  # first look: fresh, finds nothing left
-    assert cluster.calls == ["get", "list"]
-    for _ in range(3):
-        reconcile(cluster, "ns", "r", settings, quiet, run)
-    assert cluster.calls == ["get", "list"]  # the ticks after cost nothing
-
-    edited = finished_run(rv="8", ttl=0)  # the user changed it: look again, and its TTL acts
-    cluster.run = edited
-    reconcile(cluster, "ns", "r", settings, quiet, edited)
-    assert cluster.calls[2:] == ["get", "list", "delete_run"]
-
-    quiet.forget("u-1")
-    reconcile(cluster, "ns", "r", settings, quiet, run)
-    assert cluster.calls[5:7] == ["get", "list"]  # forgotten (deleted, re-created): fresh again
+    store.put("pods", child("r-prep-x", rv="2"))  # a change replaces the copy
+    assert store.children("ns", "r")["pods"][0]["metadata"]["resourceVersion"] == "2"
+    assert store.remove("pods", child("r-prep-x")) == ("ns", "r")
+    assert store.children("ns", "r")["pods"] == []
 
 
-def test_a_quiet_finished_run_is_still_deleted_when_its_ttl_runs_out():
-    from kubetune.k8s.handlers import QuietRuns, reconcile
-    from kubetune.settings import OperatorSettings
-
-    settings, quiet = OperatorSettings(), QuietRuns()
-    waiting = finished_run(ttl=3600)
-    cluster = CountingCluster(waiting)
-    reconcile(cluster, "ns", "r", settings, quiet, waiting)
-    reconcile(cluster, "ns", "r", settings, quiet, waiting)
-    assert cluster.calls == ["get", "list"]
-    expired = finished_run(ttl=3600, finished_ago=3601)  # same object, an hour later
-    reconcile(cluster, "ns", "r", settings, quiet, expired)
-    assert cluster.calls == ["get", "list", "delete_run"]
+def test_a_fresh_list_replaces_the_copy_and_names_the_runs_that_changed():
+    store = ChildStore()
+    for name, run in (("a-prep", "a"), ("b-prep", "b"), ("c-prep", "c")):
+        store.put("jobs", child(name, run=run))
+    store.put("jobs", child("d-prep", run="d", namespace="other"))
+    # b's Job was deleted while the watch was down, c's changed, a's did not; another namespace
+    # is not this list's business.
+    changed = store.replace("jobs", "ns", [child("a-prep", run="a"), child("c-prep", run="c", rv="5")])
+    assert changed == {("ns", "b"), ("ns", "c")}
+    assert store.children("ns", "b")["jobs"] == []
+    assert store.children("other", "d")["jobs"] != []
 
 
-def test_a_finished_run_with_a_live_job_is_looked_at_again():
-    from kubetune.k8s.handlers import QuietRuns, reconcile
-    from kubetune.settings import OperatorSettings
+class Patching:
+    """Stands in for CustomObjectsApi: the patch returns the object as the API server would."""
 
-    quiet, run = QuietRuns(), finished_run()
-    cluster = CountingCluster(run)
-    live = {"metadata": {"name": "r-train-1", "namespace": "ns",
-                         "labels": {"kubetune.dev/run": "r", "kubetune.dev/component": "train",
-                                    "kubetune.dev/attempt": "1"}},
-            "spec": {}, "status": {"active": 1}}
-    cluster.children = lambda namespace, name: (cluster.calls.append("list") or
-                                                {"jobs": [live], "pods": [], "config_maps": [], "services": []})
-    reconcile(cluster, "ns", "r", OperatorSettings(), quiet, run)
-    reconcile(cluster, "ns", "r", OperatorSettings(), quiet, run)
-    assert cluster.calls.count("list") == 2 and "delete" in cluster.calls and not quiet.holds(run)
+    def __init__(self, answer: dict):
+        self.answer = answer
+
+    def patch_namespaced_custom_object_status(self, *args):
+        return self.answer
+
+
+def run_at(rv: str, phase: str) -> dict:
+    return {"metadata": {"name": "r", "namespace": "ns", "uid": "u", "resourceVersion": rv},
+            "status": {"phase": phase}}
+
+
+def test_the_run_decided_on_is_never_older_than_our_own_last_write():
+    cluster = Cluster(ChildStore(), client.ApiClient(client.Configuration()))  # never connects
+    cluster.custom = Patching(run_at("12", "Training"))
+    cluster.patch_status("ns", "r", {"phase": "Training"})
+    stale = run_at("11", "PreparingData")  # the watch has not delivered our write yet
+    assert cluster.newest(stale)["status"]["phase"] == "Training"
+    caught_up = run_at("12", "Training")
+    assert cluster.newest(caught_up) is caught_up
+    edited = run_at("14", "Training")  # a user's edit after it: the watch's copy wins
+    assert cluster.newest(edited) is edited
+    assert cluster.newest(stale) is stale  # our write is forgotten once the watch passed it

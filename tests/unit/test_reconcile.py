@@ -523,3 +523,55 @@ def test_patch_holds_only_changed_keys() -> None:
 def test_phase_values_are_the_api_enum() -> None:
     _, b = run(body(), Observed())
     assert Phase(b["status"]["phase"]) is Phase.PREPARING_DATA
+
+
+# --- the snapshot ----------------------------------------------------------------------------
+
+def _snapshot_world(b: dict, **kw: Any) -> Observed:
+    """What the shells observe once the run's first ConfigMap exists: its snapshot, parsed."""
+    from kubetune.reconcile import observe
+
+    config_map = next(m for m in decide(body(**b["spec"]), Observed(), NOW, SETTINGS).create
+                      if m["kind"] == "ConfigMap")
+    return replace(observe(config_maps=[config_map], services=[{"metadata": {"name": "demo-train"}}]),
+                   prep=done(Component.PREP, {"dataStats": STATS}), **kw)
+
+
+def _train_container(plan: Plan) -> dict:
+    train = next(m for m in plan.create if m["metadata"]["name"].startswith("demo-train-"))
+    return {"completions": train["spec"]["completions"],
+            **train["spec"]["template"]["spec"]["containers"][0]["resources"]}
+
+
+def test_an_edit_of_resources_mid_run_never_reaches_the_next_attempt() -> None:
+    started = {"resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "4", "memory": "16Gi"},
+               "globalBatchSize": 16}
+    b = training_body(**started)
+    observed = _snapshot_world(b, train=(failed(Component.TRAIN, 1, "NcclTimeout", attempt=1),))
+    edited = {**b, "spec": {**b["spec"], "resources": {"nodes": 2, "gpusPerNode": 8, "cpu": "64",
+                                                       "memory": "512Gi"}}}
+    plan, after = run(edited, observed)
+    assert created(plan) == ["demo-train-2"] and after["status"]["phase"] == "Training"
+    assert _train_container(plan) == {
+        "completions": 1,
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+        "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}}
+
+
+def test_the_controls_still_act_live_on_a_snapshotted_run() -> None:
+    b = training_body()
+    suspended = {**b, "spec": {**b["spec"], "suspend": True}}
+    plan, after = run(suspended, _snapshot_world(b, train=(job(Component.TRAIN, 1, active=1),)))
+    assert after["status"]["phase"] == "Suspended" and deleted(plan) == ["demo-train-1"]
+
+
+def test_an_unreadable_snapshot_fails_the_run_loudly_and_stops_it() -> None:
+    b = training_body()
+    problem = "ConfigMap demo-config has no run.json: it was not written by this operator version"
+    observed = world(snapshot_problem=problem, train=(job(Component.TRAIN, 1, active=1),))
+    plan, after = run(b, observed)
+    assert after["status"]["phase"] == "Failed" and not plan.create
+    assert condition(after, "Failed")["reason"] == "SnapshotUnreadable"
+    assert problem in condition(after, "Failed")["message"]
+    assert condition(after, "Validated")["status"] == "True"  # the spec is fine; its snapshot is not
+    assert deleted(run(after, observed)[0]) == ["demo-train-1"]  # the next look stops what runs

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kubetune.manifests import Component
 from kubetune.reconcile import (
     JobState,
@@ -76,10 +78,14 @@ def test_job_state_conditions() -> None:
     assert queued.suspended and queued.completions == 2 and not queued.done
 
 
+CONFIG = {"run_name": "demo", "run_uid": "u", "model": "m", "train_data_path": "/d",
+          "work_dir": "/w", "experiment_path": "/e", "register_to": "a.b.c"}
+RUN_SNAPSHOT = {"version": 1, "spec": {"model": "m", "trainDataPath": "/d", "registerTo": "a.b"}}
+
+
 def test_observe_groups_children() -> None:
-    config = {"data": {"config.json": json.dumps({
-        "run_name": "demo", "run_uid": "u", "model": "m", "train_data_path": "/d",
-        "work_dir": "/w", "experiment_path": "/e", "register_to": "a.b.c"})}}
+    config = {"metadata": {"name": "demo-config"}, "data": {"config.json": json.dumps(CONFIG),
+                                                          "run.json": json.dumps(RUN_SNAPSHOT)}}
     observed = observe(
         jobs=[k8s_job("demo-prep", "prep", succeeded=1), k8s_job("demo-train-2", "train", 2),
               k8s_job("demo-train-1", "train", 1)],
@@ -94,9 +100,17 @@ def test_observe_groups_children() -> None:
     assert observed.finalize is None and observed.progress == {"percent": 1.0}
 
 
-def test_unreadable_config_snapshot_is_rebuilt() -> None:
-    observed = observe(config_maps=[{"data": {"config.json": '{"from": "the future"}'}}])
-    assert observed.config_map and observed.config is None
+@pytest.mark.parametrize("data, says", [
+    ({"config.json": '{"from": "the future"}', "run.json": json.dumps(RUN_SNAPSHOT)}, "cannot be read"),
+    ({"config.json": json.dumps(CONFIG)}, "has no run.json"),
+    ({"config.json": json.dumps(CONFIG), "run.json": json.dumps({**RUN_SNAPSHOT, "version": 9})},
+     "has version 9"),
+    ({"config.json": json.dumps(CONFIG), "run.json": "not json"}, "cannot be read"),
+])
+def test_an_unreadable_snapshot_is_named_never_rebuilt(data, says) -> None:
+    observed = observe(config_maps=[{"metadata": {"name": "demo-config"}, "data": data}])
+    assert observed.config_map and observed.snapshot is None and observed.config is None
+    assert "ConfigMap demo-config" in observed.snapshot_problem and says in observed.snapshot_problem
 
 
 def test_progress_url_is_rank_zero_of_the_newest_live_attempt() -> None:

@@ -64,9 +64,11 @@ class Cluster:
     def observed(self) -> Observed:
         def of(component: Component) -> list[JobState]:
             return [j for j in self.jobs.values() if j.component is component]
+        snapshot, problem = config_snapshot(self.config_map) if self.config_map else (None, None)
         return Observed(
             config_map=self.config_map is not None,
-            config=config_snapshot(self.config_map) if self.config_map else None,
+            snapshot=snapshot,
+            snapshot_problem=problem,
             service=self.service,
             prep=next(iter(of(Component.PREP)), None),
             train=tuple(sorted(of(Component.TRAIN), key=lambda j: j.attempt)),

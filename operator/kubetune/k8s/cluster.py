@@ -1,7 +1,8 @@
-"""Thin, idempotent I/O against the API server: list a run's children, apply a plan's parts.
+"""Thin, idempotent I/O against the API server: the `tick.Cluster` of the kopf shell.
 
-Every write tolerates the race it can lose: a create that conflicts is done, a delete of
-something gone is done. Objects travel as plain dicts, as the pure core expects them.
+A run's children are read from the informer's watch-fed copies, never listed per run. Every
+write tolerates the race it can lose: a create that conflicts is done, a delete of something
+gone is done. Objects travel as plain dicts, as the pure core expects them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, KIND, PLURAL, VERSION
-from ..manifests import LABEL_RUN
 from ..reconcile import ChildRef, PlannedEvent
+from .informer import ChildStore
 
 log = logging.getLogger("kubetune.k8s")
 CREATORS = {  # kind -> (api class, create method)
@@ -24,41 +25,33 @@ CREATORS = {  # kind -> (api class, create method)
     "Service": (client.CoreV1Api, "create_namespaced_service"),
     "Job": (client.BatchV1Api, "create_namespaced_job"),
 }
-DELETERS = {
-    "ConfigMap": (client.CoreV1Api, "delete_namespaced_config_map"),
-    "Service": (client.CoreV1Api, "delete_namespaced_service"),
-    "Job": (client.BatchV1Api, "delete_namespaced_job"),
-}
 
 
 class Cluster:
-    def __init__(self, api_client: client.ApiClient | None = None):
+    def __init__(self, store: ChildStore, api_client: client.ApiClient | None = None):
+        self.store = store
         self.api_client = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
-
-    def _plain(self, items) -> list[dict[str, Any]]:
-        return [self.api_client.sanitize_for_serialization(item) for item in items]
-
-    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        self._written: dict[str, dict[str, Any]] = {}  # uid -> the run as our last patch left it
 
     def children(self, namespace: str, run: str) -> dict[str, list[dict[str, Any]]]:
-        selector = f"{LABEL_RUN}={run}"
-        return {
-            "jobs": self._plain(self.batch.list_namespaced_job(namespace, label_selector=selector).items),
-            "pods": self._plain(self.core.list_namespaced_pod(namespace, label_selector=selector).items),
-            "config_maps": self._plain(
-                self.core.list_namespaced_config_map(namespace, label_selector=selector).items),
-            "services": self._plain(
-                self.core.list_namespaced_service(namespace, label_selector=selector).items),
-        }
+        return self.store.children(namespace, run)
+
+    def newest(self, run: Mapping[str, Any]) -> Mapping[str, Any]:
+        """kopf's watch-fed copy of a run, or the one our last status patch returned when the
+        watch has not delivered that yet: deciding on a status older than our own write would
+        emit its events twice."""
+        uid = (run.get("metadata") or {}).get("uid", "")
+        written = self._written.get(uid)
+        if written is None or version(run) >= version(written):
+            self._written.pop(uid, None)
+            return run
+        return written
+
+    def forget(self, uid: str) -> None:
+        self._written.pop(uid, None)
 
     def create(self, manifest: Mapping[str, Any]) -> None:
         api_class, method = CREATORS[manifest["kind"]]
@@ -70,17 +63,17 @@ class Cluster:
                 raise
 
     def delete(self, ref: ChildRef) -> None:
-        api_class, method = DELETERS[ref.kind]
         body = client.V1DeleteOptions(propagation_policy=ref.propagation)
-        try:
-            getattr(api_class(self.api_client), method)(ref.name, ref.namespace, body=body)
+        try:  # plans delete only Jobs (children of a finished step or attempt)
+            self.batch.delete_namespaced_job(ref.name, ref.namespace, body=body)
         except ApiException as error:
             if error.status != 404:
                 raise
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
+        written = self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)})
+        self._written[written["metadata"]["uid"]] = written
 
     def delete_run(self, namespace: str, name: str) -> None:
         try:
@@ -110,6 +103,12 @@ class Cluster:
             self.core.create_namespaced_event(meta["namespace"], body)
         except ApiException as error:  # an Event is a courtesy: never fail a reconcile for it
             log.warning("could not post event %s: %s", event.type.value, error.reason)
+
+
+def version(obj: Mapping[str, Any]) -> int:
+    """An object's resourceVersion as a number: etcd's revision, which only grows."""
+    text = (obj.get("metadata") or {}).get("resourceVersion") or "0"
+    return int(text) if text.isdigit() else 0
 
 
 def camel(name: str) -> str:

@@ -74,6 +74,7 @@ def tick(cluster: Cluster, run: dict[str, Any], settings: OperatorSettings,
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     phase = plan.status.get("phase") or (run.get("status") or {}).get("phase") or "Pending"
     metrics.record_phase(meta["namespace"], meta["name"], phase, ALL_PHASES)
+    metrics.record_gpus(meta["namespace"], meta["name"], phase, run.get("spec") or {})
     return plan.requeue_after
 
 

@@ -45,6 +45,7 @@ from ..manifests import (
 )
 from ..resolve import ResolveError, backoff_limit, resolve_config
 from ..settings import OperatorSettings
+from ..snapshot import UNREADABLE, SnapshotUnreadable
 from .observe import JobState, Observed, job_failure
 from .plan import ChildRef, Plan
 from .status import (
@@ -139,6 +140,8 @@ def decide(body: Mapping[str, Any], observed: Observed, now: datetime,
     except SpecError as error:
         draft.invalid = True
         draft.fail(SpecError.reason, str(error))
+    except SnapshotUnreadable as error:
+        draft.fail(UNREADABLE, str(error))
     else:
         _advance(world, draft)
     return _plan(old, draft, metadata.get("generation"), now, settings, ttl=_ttl(body))
@@ -152,8 +155,13 @@ def _ttl(body: Mapping[str, Any]) -> int | None:
 
 def _world(body: Mapping[str, Any], observed: Observed, now: datetime,
            settings: OperatorSettings) -> _World:
-    """Parse and resolve everything up front: any problem is the user's, raised as SpecError."""
+    """Parse and resolve everything up front: any problem is the user's, raised as SpecError.
+    A run that has started acts on its snapshot's spec (with the live controls), never on edits."""
     run = parse_training_run(body)
+    if observed.snapshot_problem:
+        raise SnapshotUnreadable(observed.snapshot_problem)
+    if observed.snapshot is not None:
+        run = parse_training_run({**body, "spec": observed.snapshot.frozen_spec(body.get("spec") or {})})
     problem = name_problem(run.metadata.name, backoff_limit(run, settings) + 1,
                            run.spec.resources.nodes)
     if problem:

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_trainer.config import RunConfig
-from pydantic import ValidationError
 
 from ..manifests import (
     COMPLETION_INDEX_ANNOTATION,
     EXIT_PERMANENT,
+    JOB_NAME_LABEL,
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     Component,
 )
 from ..settings import OperatorSettings
+from ..snapshot import Snapshot, SnapshotUnreadable, read_snapshot
 
-JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+JOB_NAME_LABELS = (JOB_NAME_LABEL, "job-name")  # the second: before Kubernetes 1.27
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,17 @@ class Observed:
     """The children of one run that exist now, and its latest training progress."""
 
     config_map: bool = False
-    config: RunConfig | None = None  # the snapshot in the config map, when it parses
+    snapshot: Snapshot | None = None  # what the config map holds, when it can be read
+    snapshot_problem: str | None = None  # why it cannot, when it cannot
     service: bool = False
     prep: JobState | None = None
     train: tuple[JobState, ...] = ()  # every training Job still there, any attempt
     finalize: JobState | None = None
     progress: Mapping[str, Any] | None = None  # progress.json's shape (contracts.md)
+
+    @property
+    def config(self) -> RunConfig | None:
+        return self.snapshot.config if self.snapshot else None
 
     def train_job(self, attempt: int) -> JobState | None:
         return next((job for job in self.train if job.attempt == attempt), None)
@@ -157,8 +163,28 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
+# The kubelet's words for a referenced Secret (spec.secrets) or key that is not there. It keeps
+# retrying, but a run that waits for a Secret nobody creates would hang forever: fail it instead.
+_MISSING_SECRET = re.compile(r'secret "[^"]*" not found|couldn\'t find key \S+ in Secret \S+')
+
+
+def _missing_secret(pod: Mapping[str, Any]) -> str | None:
+    status = pod.get("status") or {}
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        message = waiting.get("message") or ""
+        if waiting.get("reason") == "CreateContainerConfigError" and _MISSING_SECRET.search(message):
+            return message
+    return None
+
+
 def pod_state(pod: Mapping[str, Any]) -> PodState:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if (missing := _missing_secret(pod)) is not None:
+        return PodState(name=meta.get("name", ""), phase="Failed", result={
+            "ok": False, "permanent": True, "reason": "SecretNotFound",
+            "message": f"{missing}: create it in namespace {meta.get('namespace')} (spec.secrets refers"
+                       " to it), then create the run again"})
     terminated = _terminated(pod)
     text = terminated.get("message") or ""
     result = parse_termination_message(text)
@@ -210,12 +236,13 @@ def _job_of(pod: Mapping[str, Any]) -> str | None:
     return next((labels[key] for key in JOB_NAME_LABELS if key in labels), None)
 
 
-def config_snapshot(config_map: Mapping[str, Any]) -> RunConfig | None:
-    text = (config_map.get("data") or {}).get("config.json")
+def config_snapshot(config_map: Mapping[str, Any]) -> tuple[Snapshot | None, str | None]:
+    """(the snapshot, None), or (None, why it cannot be read)."""
+    name = (config_map.get("metadata") or {}).get("name", "")
     try:
-        return RunConfig.model_validate_json(text) if text else None
-    except ValidationError:  # written by another operator version: rebuild from the spec
-        return None
+        return read_snapshot(name, config_map.get("data") or {}), None
+    except SnapshotUnreadable as error:
+        return None, str(error)
 
 
 def observe(*, jobs: Iterable[Mapping[str, Any]] = (), pods: Iterable[Mapping[str, Any]] = (),
@@ -229,9 +256,11 @@ def observe(*, jobs: Iterable[Mapping[str, Any]] = (), pods: Iterable[Mapping[st
     states = [job_state(job, pods_by_job.get(job["metadata"]["name"], ())) for job in jobs]
     by_component = {c: [s for s in states if s.component is c] for c in Component}
     config_maps = list(config_maps)
+    snapshot, problem = config_snapshot(config_maps[0]) if config_maps else (None, None)
     return Observed(
         config_map=bool(config_maps),
-        config=config_snapshot(config_maps[0]) if config_maps else None,
+        snapshot=snapshot,
+        snapshot_problem=problem,
         service=any(True for _ in services),
         prep=next(iter(by_component[Component.PREP]), None),
         train=tuple(sorted(by_component[Component.TRAIN], key=lambda j: j.attempt)),

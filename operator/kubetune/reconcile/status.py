@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from ..api import EventType, Phase
+from ..timestamps import parse_time, timestamp  # noqa: F401 (decide takes them from here)
 from .plan import PlannedEvent
 
 VALIDATED = "Validated"
@@ -25,14 +26,6 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 CONDITION_TYPES = (VALIDATED, DATA_PREPARED, TRAINED, REGISTERED, RUNNING, SUSPENDED, SUCCEEDED,
                    FAILED)
-
-
-def timestamp(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 @dataclass(frozen=True)

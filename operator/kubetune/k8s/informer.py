@@ -1,0 +1,159 @@
+"""Watch-fed copies of every run's children: a list and a watch per kind, no request per run.
+
+Jobs, Pods, ConfigMaps and Services carrying the `kubetune.dev/run` label are listed once
+(server-side label selection), then watched from that version. Any failure (an expired
+version, an API server restart) lists again and replaces that kind's copy whole, so a deletion
+missed meanwhile is not kept. Every change calls `on_change(namespace, run)`: the shell's cue
+to reconcile that run. Objects are kept as the plain JSON dicts the pure core expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kubernetes import client
+from kubernetes.watch.watch import iter_resp_lines
+
+from ..manifests import LABEL_RUN
+
+log = logging.getLogger("kubetune.informer")
+Key = tuple[str, str]  # (namespace, run name)
+# kind -> (api class, list-all-namespaces method, list-one-namespace method)
+KINDS: dict[str, tuple[type, str, str]] = {
+    "jobs": (client.BatchV1Api, "list_job_for_all_namespaces", "list_namespaced_job"),
+    "pods": (client.CoreV1Api, "list_pod_for_all_namespaces", "list_namespaced_pod"),
+    "config_maps": (client.CoreV1Api, "list_config_map_for_all_namespaces", "list_namespaced_config_map"),
+    "services": (client.CoreV1Api, "list_service_for_all_namespaces", "list_namespaced_service"),
+}
+
+
+def run_key(obj: dict[str, Any]) -> Key | None:
+    meta = obj.get("metadata") or {}
+    run = (meta.get("labels") or {}).get(LABEL_RUN)
+    return (meta.get("namespace", ""), run) if run else None
+
+
+class ChildStore:
+    """What the watches delivered, by run: kind -> (namespace, run) -> name -> object."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_run: dict[str, dict[Key, dict[str, dict[str, Any]]]] = {kind: {} for kind in KINDS}
+
+    def children(self, namespace: str, run: str) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            return {kind: list(runs.get((namespace, run), {}).values())
+                    for kind, runs in self._by_run.items()}
+
+    def put(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        key = run_key(obj)
+        if key is not None:
+            (obj.get("metadata") or {}).pop("managedFields", None)  # never read; half the bytes
+            with self._lock:
+                self._by_run[kind].setdefault(key, {})[obj["metadata"]["name"]] = obj
+        return key
+
+    def remove(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        key = run_key(obj)
+        with self._lock:
+            named = self._by_run[kind].get(key) if key else None
+            if named is not None:
+                named.pop(obj["metadata"]["name"], None)
+                if not named:
+                    del self._by_run[kind][key]
+        return key
+
+    def replace(self, kind: str, namespace: str | None, objects: Iterable[dict[str, Any]]) -> set[Key]:
+        """A fresh list of one kind (in one namespace, or all): the runs whose children changed."""
+        with self._lock:
+            old = {key: named for key, named in self._by_run[kind].items()
+                   if namespace is None or key[0] == namespace}
+            for key in old:
+                del self._by_run[kind][key]
+        for obj in objects:
+            self.put(kind, obj)
+        with self._lock:
+            new = {key: named for key, named in self._by_run[kind].items()
+                   if namespace is None or key[0] == namespace}
+        return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+
+
+class ChildInformer:
+    """One thread per kind (and watched namespace) keeps `store` in step with the API server."""
+
+    def __init__(self, api_client: client.ApiClient, namespaces: tuple[str, ...],
+                 on_change: Callable[[str, str], None], watch_timeout: int = 300):
+        self.api_client, self.on_change, self.watch_timeout = api_client, on_change, watch_timeout
+        self.scopes: list[str | None] = list(namespaces) or [None]  # None: cluster-wide
+        self.store = ChildStore()
+        self.stopping = threading.Event()
+        self._listed: set[tuple[str, str | None]] = set()
+        self.synced = threading.Event()  # every kind listed once: the copies can be trusted
+
+    def start(self) -> ChildInformer:
+        for kind in KINDS:
+            for scope in self.scopes:
+                threading.Thread(target=self._run, args=(kind, scope), daemon=True,
+                                 name=f"informer-{kind}-{scope or 'all'}").start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _call(self, kind: str, namespace: str | None, **params: Any):
+        api_class, all_namespaces, one_namespace = KINDS[kind]
+        api = api_class(self.api_client)
+        if namespace is None:
+            return getattr(api, all_namespaces)(label_selector=LABEL_RUN, _preload_content=False, **params)
+        return getattr(api, one_namespace)(namespace, label_selector=LABEL_RUN,
+                                           _preload_content=False, **params)
+
+    def _run(self, kind: str, namespace: str | None) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                listed = json.loads(self._call(kind, namespace, _request_timeout=30).data)
+                self._changed(self.store.replace(kind, namespace, listed["items"]))
+                self._mark_listed(kind, namespace)
+                version, backoff = listed["metadata"]["resourceVersion"], 0.5
+                while not self.stopping.is_set():
+                    version = self._watch(kind, namespace, version)
+            except Exception as error:  # noqa: BLE001 - any failure means: list again
+                if not self.stopping.is_set():
+                    log.info("%s watch restarts after %s: %s", kind, type(error).__name__, error)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+
+    def _watch(self, kind: str, namespace: str | None, version: str) -> str:
+        response = self._call(kind, namespace, watch=True, resource_version=version,
+                              allow_watch_bookmarks=True, timeout_seconds=self.watch_timeout,
+                              _request_timeout=(10, self.watch_timeout + 30))
+        try:
+            for line in iter_resp_lines(response):
+                event = json.loads(line)
+                if event["type"] == "ERROR":  # 410: the version expired; list again
+                    raise RuntimeError(f"watch error: {event['object'].get('message')}")
+                obj = event["object"]
+                version = obj["metadata"]["resourceVersion"]
+                if event["type"] == "BOOKMARK":
+                    continue
+                store = self.store.remove if event["type"] == "DELETED" else self.store.put
+                self._changed({store(kind, obj)} - {None})
+                if self.stopping.is_set():
+                    break
+        finally:
+            response.release_conn()
+        return version
+
+    def _changed(self, keys: set[Key]) -> None:
+        for namespace, run in keys:
+            self.on_change(namespace, run)
+
+    def _mark_listed(self, kind: str, namespace: str | None) -> None:
+        self._listed.add((kind, namespace))
+        if len(self._listed) == len(KINDS) * len(self.scopes):
+            self.synced.set()
