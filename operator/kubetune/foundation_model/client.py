@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,11 @@ class Target:
 def connect(namespace: str | None = None, *, group: str = GROUP, version: str = VERSION) -> Runs:
     """A client for the current kubeconfig context (or in-cluster); NoClusterError if neither."""
     configuration = client.Configuration()
+    # Read now, not when the kubernetes package was imported: KUBECONFIG may be a list of files.
+    kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
-        config.load_kube_config(client_configuration=configuration, persist_config=False)
-        _, active = config.list_kube_config_contexts()
+        config.load_kube_config(kubeconfig, client_configuration=configuration, persist_config=False)
+        _, active = config.list_kube_config_contexts(kubeconfig)
         default_namespace = active.get("context", {}).get("namespace") or "default"
         source = f"kubeconfig context {active.get('name')!r}"
     except (config.ConfigException, FileNotFoundError, OSError) as kubeconfig_error:
