@@ -9,10 +9,12 @@
 // for its built-in scripts.
 //
 //	luahealth [-open-libs] DIR...
+//	luahealth -eval health.lua OBJECT.yaml...   # print {"status","message"} of each object, one JSON a line
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io/fs"
@@ -151,9 +153,38 @@ func runFolder(testPath string, openLibs bool) (int, int, error) {
 	return len(tests.Tests), failures, nil
 }
 
+// evaluate prints the health of live objects (the e2e tests export them with kubectl).
+func evaluate(scriptPath string, objects []string, openLibs bool) error {
+	script, err := os.ReadFile(scriptPath)
+	if err != nil {
+		return err
+	}
+	for _, path := range objects {
+		var obj map[string]any
+		if err := readYAML(path, &obj); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		got, err := runHealth(string(script), obj, openLibs)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		line, _ := json.Marshal(got)
+		fmt.Println(string(line))
+	}
+	return nil
+}
+
 func main() {
 	openLibs := flag.Bool("open-libs", false, "open every Lua library, as for Argo CD's built-in scripts")
+	eval := flag.String("eval", "", "a health.lua to run on the object files given as arguments")
 	flag.Parse()
+	if *eval != "" {
+		if err := evaluate(*eval, flag.Args(), *openLibs); err != nil {
+			fmt.Fprintln(os.Stderr, "luahealth:", err)
+			os.Exit(2)
+		}
+		return
+	}
 	total, failed := 0, 0
 	for _, root := range flag.Args() {
 		err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {

@@ -1,0 +1,311 @@
+"""The Helm chart installed for real: `helm install`, a TrainingRun to Succeeded under the operator
+that runs as the chart's pod, `helm upgrade` rolling the operator under a running run, `helm
+uninstall` leaving only the CRD and the runs. A real Prometheus (Debian's) discovers the operator
+and rank-0 trainer pods through the API server, as the chart's ServiceMonitor/PodMonitor select
+them, loads the chart's alert rules, and every query of every Grafana panel returns data. The
+Argo CD health script judges the live run.
+
+One test on purpose: installing, running, upgrading and uninstalling share one ~2-minute run.
+The session's own operator process is stopped meanwhile (two operators must not both act).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import free_port, trainingrun, wait_phase
+from .site import REPO, Inputs
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+CHART = REPO / "charts" / "kubetune"
+RELEASE = "kt"
+FULLNAME = "kt-kubetune"
+LEASE = "kubetune-operator"
+DASHBOARD = REPO / "grafana" / "kubetune-dashboard.json"
+RULES = REPO / "prometheus" / "kubetune-rules.yaml"
+HEALTH_LUA = REPO / "argocd" / "resource_customizations" / "kubetune.dev" / "TrainingRun" / "health.lua"
+RUN_TIMEOUT = 420
+
+
+def chart_values(site, namespace: str, metrics_port: int, image: str | None) -> dict:
+    """The chart's values for this site: its defaults point the runs where the pods see things."""
+    env = site.operator_env()
+    values = {
+        "watchNamespaces": [namespace],
+        "reconcileInterval": 1,
+        "metrics": {"port": metrics_port, "bindAddress": "$(POD_IP)"},
+        "defaults": {"trainerImage": env["KUBETUNE_TRAINER_IMAGE"],
+                     "mlflowTrackingUri": env["KUBETUNE_MLFLOW_TRACKING_URI"],
+                     "storage": {"claimName": env["KUBETUNE_STORAGE_CLAIM_NAME"],
+                                 "uri": env["KUBETUNE_STORAGE_URI"]}},
+        "extraEnv": [{"name": "KUBETUNE_TRAINER_COMMAND", "value": env["KUBETUNE_TRAINER_COMMAND"]},
+                     {"name": "KUBETUNE_TORCHRUN_COMMAND", "value": env["KUBETUNE_TORCHRUN_COMMAND"]},
+                     {"name": "PYTHONUNBUFFERED", "value": "1"}],
+    }
+    if image:
+        values["image"] = {"repository": image.rsplit(":", 1)[0], "tag": image.rsplit(":", 1)[1]}
+    return values
+
+
+class Helm:
+    def __init__(self, binary: Path, kubeconfig: Path, namespace: str):
+        self.binary, self.kubeconfig, self.namespace = binary, kubeconfig, namespace
+
+    def __call__(self, *args: str, timeout: float = 240) -> str:
+        argv = [str(self.binary), f"--kubeconfig={self.kubeconfig}", "-n", self.namespace, *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+
+# --- Prometheus -------------------------------------------------------------------------------
+
+def prometheus_config(kubeconfig: Path, operator_ns: str, runs_ns: str) -> dict:
+    """Pod discovery with the relabelling of the chart's ServiceMonitor and PodMonitor."""
+    def pods(namespace: str) -> list[dict]:
+        return [{"role": "pod", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": [namespace]}}]
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": "kubetune-operator", "honor_labels": True, "kubernetes_sd_configs": pods(operator_ns),
+             "relabel_configs": [
+                 {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance",
+                                    "__meta_kubernetes_pod_container_port_name"],
+                  "regex": f"{RELEASE};metrics", "action": "keep"},
+                 {"source_labels": ["__meta_kubernetes_pod_ready"], "regex": "true", "action": "keep"},
+                 {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"}]},
+            {"job_name": "kubetune-trainer", "kubernetes_sd_configs": pods(runs_ns),
+             "relabel_configs": [
+                 {"source_labels": ["__meta_kubernetes_pod_label_kubetune_dev_component",
+                                    "__meta_kubernetes_pod_label_batch_kubernetes_io_job_completion_index",
+                                    "__meta_kubernetes_pod_container_port_name"],
+                  "regex": "train;0;metrics", "action": "keep"},
+                 {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                 {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                 {"source_labels": ["__meta_kubernetes_pod_label_kubetune_dev_run"],
+                  "target_label": "trainingrun"}]},
+        ],
+    }
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, config: dict):
+        self.port = free_port()
+        self.workdir = workdir
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        binary = subprocess.run(["bash", str(REPO / "tools" / "prometheus.sh"), "prometheus"],
+                                capture_output=True, text=True)
+        assert binary.returncode == 0, binary.stderr
+        self.log = open(workdir / "prometheus.log", "wb")
+        self.process = subprocess.Popen(
+            [binary.stdout.strip(), f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def api(self, path: str, **params) -> dict:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query_range(self, expr: str, start: float, end: float) -> list[dict]:
+        return self.api("query_range", query=expr, start=start, end=end, step="1s")["result"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"].replace("$namespace", ".*"))
+            for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def finite(result: list[dict]) -> bool:
+    return any(not math.isnan(float(value)) for series in result for _, value in series["values"])
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def operator_pods(kubectl, namespace: str) -> list[dict]:
+    return kubectl.json("get", "pods", "-n", namespace, "-l",
+                        f"app.kubernetes.io/instance={RELEASE}")["items"]
+
+
+def running(pods: list[dict]) -> list[dict]:
+    return [p for p in pods if p["status"].get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp") and p["status"].get("podIP")]
+
+
+def probe(pod: dict, port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{port}{path}", timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def leaders(pods: list[dict], port: int) -> list[str]:
+    return [p["metadata"]["name"] for p in pods if probe(p, port, "/readyz") == 200]
+
+
+def health(live: dict, tmp_path: Path, luahealth: Path) -> dict:
+    path = tmp_path / f"live-{live['status'].get('phase')}.yaml"
+    path.write_text(yaml.safe_dump(live))
+    out = subprocess.run([str(luahealth), "-eval", str(HEALTH_LUA), str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def leftovers(kubectl, operator_ns: str, runs_ns: str) -> list[str]:
+    """Everything the release could have left behind (the CRD and TrainingRuns are kept on purpose)."""
+    kinds = ("deployments,replicasets,pods,services,configmaps,serviceaccounts,roles,rolebindings,"
+             "leases,poddisruptionbudgets,networkpolicies")
+    names = kubectl("get", kinds, "-n", operator_ns, "-o", "name").stdout.split()
+    names = [n for n in names if n not in ("configmap/kube-root-ca.crt", "serviceaccount/default")]
+    in_runs_ns = kubectl("get", "roles,rolebindings,serviceaccounts", "-n", runs_ns, "-o", "name").stdout.split()
+    names += [f"{runs_ns}/{n}" for n in in_runs_ns if n != "serviceaccount/default"]
+    cluster = kubectl("get", "clusterroles,clusterrolebindings", "-l",
+                      f"app.kubernetes.io/instance={RELEASE}", "-o", "name").stdout.split()
+    return names + cluster
+
+
+@pytest.fixture
+def quiet_session_operator(operator, wait_for):
+    """The session's operator process handles every namespace: stop it while the chart's runs."""
+    operator.stop()
+    try:
+        yield
+    finally:
+        mark = operator.log.stat().st_size
+        operator.start()
+        wait_for(lambda: "watching" in operator.log.read_bytes()[mark:].decode(errors="replace"),
+                 60, "the session operator to start again")
+
+
+@pytest.fixture
+def luahealth():
+    if shutil.which("go") is None:
+        pytest.skip("the Argo CD health runner is built with Go")
+    proc = subprocess.run(["bash", str(REPO / "tools" / "go-tool.sh"), "luahealth"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
+        quiet_session_operator, cluster, kubectl, helm, namespace, inputs: Inputs, site,
+        wait_for, tmp_path, luahealth):
+    image = os.environ.get("KUBETUNE_E2E_OPERATOR_IMAGE")
+    if not cluster.local and not image:
+        pytest.skip("on a real cluster the chart needs KUBETUNE_E2E_OPERATOR_IMAGE (operator/Dockerfile)")
+    operator_ns = f"{namespace}-op"
+    kubectl("create", "namespace", operator_ns)
+    kubectl("label", "namespace", operator_ns, "pod-security.kubernetes.io/enforce=restricted")
+    metrics_port = free_port()
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(chart_values(site, namespace, metrics_port, image)))
+    run_helm = Helm(helm, cluster.kubeconfig, operator_ns)
+    crd_was_there = kubectl("get", "crd", "trainingruns.kubetune.dev", check=False).returncode == 0
+    prometheus = Prometheus(tmp_path, prometheus_config(cluster.kubeconfig, operator_ns, namespace))
+    started = time.time()
+    try:
+        # --- install: the operator runs as the chart's pod, under Pod Security `restricted` -----
+        notes = run_helm("install", RELEASE, str(CHART), "-f", str(values), "--wait", "--timeout", "180s")
+        assert f"rollout status deploy/{FULLNAME}" in notes
+        crd = kubectl.json("get", "crd", "trainingruns.kubetune.dev")
+        if not crd_was_there:  # installed from the chart's crds/, with what Argo CD needs
+            assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-options"] == "ServerSideApply=true"
+        first = wait_for(lambda: running(operator_pods(kubectl, operator_ns)), 60, "the operator pod")
+        assert wait_for(lambda: leaders(first, metrics_port), 60, "the operator to lead") == \
+            [first[0]["metadata"]["name"]]
+        assert probe(first[0], metrics_port, "/healthz") == 200
+        assert kubectl.json("get", "lease", LEASE, "-n", operator_ns)["spec"]["holderIdentity"]
+
+        # --- a run, long enough to upgrade the operator under it ---------------------------------
+        spec = {"model": inputs.model, "trainDataPath": inputs.data("ift-long.jsonl"),
+                "registerTo": "main.e2e.helm", "trainingDuration": "4ep", "learningRate": 1e-3,
+                "contextLength": 128, "globalBatchSize": 8}
+        kubectl("apply", "-n", namespace, "-f", "-",
+                input=yaml.safe_dump(trainingrun("helm-run", spec)))
+        training = wait_phase(kubectl, namespace, "helm-run", {"Training", "Failed"}, RUN_TIMEOUT)
+        assert training["status"]["phase"] == "Training", training["status"]
+        train_job = kubectl.json("get", "jobs", "-n", namespace, "-l", "kubetune.dev/component=train")["items"]
+        assert len(train_job) == 1
+        pod_spec = train_job[0]["spec"]["template"]["spec"]
+        assert pod_spec["serviceAccountName"] == "kubetune-trainer"
+        assert pod_spec["automountServiceAccountToken"] is False
+        assert health(training, tmp_path, luahealth)["status"] == "Progressing"
+
+        # --- upgrade: new settings roll the operator (Recreate); the run goes on ----------------
+        run_helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "replicaCount=2",
+                 "--set", "logLevel=DEBUG", "--wait", "--timeout", "180s")
+        old_names = {p["metadata"]["name"] for p in first}
+
+        def rolled():
+            pods = running(operator_pods(kubectl, operator_ns))
+            fresh = [p for p in pods if p["metadata"]["name"] not in old_names]
+            return fresh if len(fresh) == 2 and len(pods) == 2 else None
+        second = wait_for(rolled, 120, "two new operator pods")
+        assert len(wait_for(lambda: leaders(second, metrics_port), 60, "one new replica to lead")) == 1
+        assert all(probe(p, metrics_port, "/healthz") == 200 for p in second)  # the standby is live
+        done = wait_phase(kubectl, namespace, "helm-run", {"Succeeded", "Failed"}, RUN_TIMEOUT)
+        status = done["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["attempts"] == 1  # the roll restarted no training
+        jobs = kubectl.json("get", "jobs", "-n", namespace, "-l", "kubetune.dev/component=train")["items"]
+        assert [j["metadata"]["uid"] for j in jobs] == [train_job[0]["metadata"]["uid"]]
+        verdict = health(done, tmp_path, luahealth)
+        assert verdict == {"status": "Healthy",
+                           "message": f"Registered main.e2e.helm version {status['registeredModel']['version']}"}
+
+        # --- Prometheus: the rules load, and every panel's query returns data -------------------
+        rules = prometheus.api("rules")["groups"]
+        assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 4, rules
+        end = time.time()
+        empty, nan_only = [], []
+        for title, expr in panel_queries():
+            result = prometheus.query_range(expr, started, end)
+            if not result:
+                empty.append(f"{title}: {expr}")
+            elif not finite(result) and "MFU" not in title:  # MFU is NaN where the GPU peak is unknown
+                nan_only.append(f"{title}: {expr}")
+        assert empty == [] and nan_only == [], (
+            f"panels without data: {empty}; NaN only: {nan_only}; targets: "
+            f"{prometheus.api('targets')['activeTargets']}")
+    finally:
+        prometheus.stop()
+        logs = "\n".join(cluster.pod_logs(operator_ns, p["metadata"]["name"])[-3000:]
+                         for p in operator_pods(kubectl, operator_ns)) if cluster.local else ""
+        (tmp_path / "operator-pods.log").write_text(logs)
+
+    # --- uninstall: the CRD and the runs stay, nothing else -------------------------------------
+    run_helm("uninstall", RELEASE, "--wait", "--timeout", "120s")
+    wait_for(lambda: not operator_pods(kubectl, operator_ns), 60, "the operator pods to go")
+    assert kubectl.json("get", "crd", "trainingruns.kubetune.dev")["metadata"]["name"]
+    kept = kubectl.json("get", "trainingrun", "helm-run", "-n", namespace)
+    assert kept["status"]["phase"] == "Succeeded"
+    deadline = time.monotonic() + 30  # the garbage collector takes the ReplicaSets and pods
+    while leftovers(kubectl, operator_ns, namespace) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert leftovers(kubectl, operator_ns, namespace) == []
+    kubectl("delete", "namespace", operator_ns, "--wait=false")
