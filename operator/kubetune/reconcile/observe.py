@@ -15,10 +15,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_trainer.config import RunConfig
+from kubetune_trainer.contract import (
+    EXIT_PERMANENT,
+    INFO_LATEST_CHECKPOINT,
+    INFO_MLFLOW_EXPERIMENT_ID,
+    INFO_MLFLOW_RUN_ID,
+    METRIC_GAUGES,
+    METRIC_INFO,
+    METRIC_PROGRESS_RATIO,
+    MLFLOW_EXPERIMENT_ID,
+    MLFLOW_RUN_ID,
+    PROGRESS_BATCHES_DONE,
+    PROGRESS_BATCHES_TOTAL,
+    PROGRESS_LATEST_CHECKPOINT,
+    PROGRESS_MLFLOW,
+    PROGRESS_PERCENT,
+    RESULT_MESSAGE,
+    RESULT_OK,
+    RESULT_PERMANENT,
+    RESULT_REASON,
+)
 
 from ..manifests import (
     COMPLETION_INDEX_ANNOTATION,
-    EXIT_PERMANENT,
     JOB_NAME_LABEL,
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
@@ -50,7 +69,7 @@ class PodState:
     @property
     def permanent(self) -> bool:
         """A user error: retrying cannot help (exit code 2, or the result says so)."""
-        return self.exit_code == EXIT_PERMANENT or bool(self.result and self.result.get("permanent"))
+        return self.exit_code == EXIT_PERMANENT or bool(self.result and self.result.get(RESULT_PERMANENT))
 
 
 @dataclass(frozen=True)
@@ -85,7 +104,7 @@ class JobState:
     def result(self) -> Mapping[str, Any]:
         """The step's result: rank 0's when it reported one, else any successful pod's."""
         for pod in sorted(self.pods, key=lambda p: p.index):
-            if pod.phase == "Succeeded" and pod.result and pod.result.get("ok", True):
+            if pod.phase == "Succeeded" and pod.result and pod.result.get(RESULT_OK, True):
                 return pod.result
         return {}
 
@@ -104,8 +123,8 @@ def job_failure(job: JobState, default_reason: str) -> Failure:
     failed = sorted((p for p in job.pods if p.failed), key=lambda p: (not p.permanent, p.index))
     if failed:
         pod = failed[0]
-        reason = (pod.result or {}).get("reason") or default_reason
-        message = (pod.result or {}).get("message") or _exit_message(pod)
+        reason = (pod.result or {}).get(RESULT_REASON) or default_reason
+        message = (pod.result or {}).get(RESULT_MESSAGE) or _exit_message(pod)
         return Failure(str(reason), str(message), pod.permanent)
     return Failure(default_reason, job.failed_message or f"Job {job.name} failed", False)
 
@@ -182,8 +201,8 @@ def pod_state(pod: Mapping[str, Any]) -> PodState:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     if (missing := _missing_secret(pod)) is not None:
         return PodState(name=meta.get("name", ""), phase="Failed", result={
-            "ok": False, "permanent": True, "reason": "SecretNotFound",
-            "message": f"{missing}: create it in namespace {meta.get('namespace')} (spec.secrets refers"
+            RESULT_OK: False, RESULT_PERMANENT: True, RESULT_REASON: "SecretNotFound",
+            RESULT_MESSAGE: f"{missing}: create it in namespace {meta.get('namespace')} (spec.secrets refers"
                        " to it), then create the run again"})
     terminated = _terminated(pod)
     text = terminated.get("message") or ""
@@ -283,13 +302,7 @@ def progress_url(observed: Observed, settings: OperatorSettings) -> str | None:
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-_GAUGES = {
-    "kubetune_train_batches_done": "batchesDone",
-    "kubetune_train_batches_total": "batchesTotal",
-    "kubetune_train_tokens_per_second": "tokensPerSecond",
-    "kubetune_train_loss": "loss",
-    "kubetune_train_eta_seconds": "etaSeconds",
-}
+_COUNTS = (PROGRESS_BATCHES_DONE, PROGRESS_BATCHES_TOTAL)
 
 
 def parse_metrics(text: str) -> dict[str, Any] | None:
@@ -300,14 +313,15 @@ def parse_metrics(text: str) -> dict[str, Any] | None:
         if match is None or line.startswith("#"):
             continue
         name, value = match["name"], float(match["value"])
-        if name == "kubetune_train_progress_ratio":
-            progress["percent"] = value * 100
-        elif name in _GAUGES:
-            progress[_GAUGES[name]] = int(value) if name.startswith("kubetune_train_batches") else value
-        elif name == "kubetune_train_info":
+        if name == METRIC_PROGRESS_RATIO:
+            progress[PROGRESS_PERCENT] = value * 100
+        elif name in METRIC_GAUGES:
+            key = METRIC_GAUGES[name]
+            progress[key] = int(value) if key in _COUNTS else value
+        elif name == METRIC_INFO:
             labels = dict(_LABEL.findall(match["labels"] or ""))
-            if labels.get("latest_checkpoint"):
-                progress["latestCheckpoint"] = labels["latest_checkpoint"]
-            progress["mlflow"] = {"experimentId": labels.get("mlflow_experiment_id") or None,
-                                  "runId": labels.get("mlflow_run_id") or None}
-    return progress if "percent" in progress else None
+            if labels.get(INFO_LATEST_CHECKPOINT):
+                progress[PROGRESS_LATEST_CHECKPOINT] = labels[INFO_LATEST_CHECKPOINT]
+            progress[PROGRESS_MLFLOW] = {MLFLOW_EXPERIMENT_ID: labels.get(INFO_MLFLOW_EXPERIMENT_ID) or None,
+                                         MLFLOW_RUN_ID: labels.get(INFO_MLFLOW_RUN_ID) or None}
+    return progress if PROGRESS_PERCENT in progress else None
