@@ -152,7 +152,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         else:
             items = runs.list(all_namespaces=args.all_namespaces, selector=args.selector).get("items") or []
             found = select([run_from_resource(item) for item in items], Filters())
-        show(found, args, single=len(wanted) == 1)
+        show(found, args, len(wanted) == 1, runs.namespace)
         if args.watch:
             watch(runs, args, found, {name for name, _ in wanted})
     return 0
@@ -164,7 +164,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _connect(args) as runs:
         items = runs.list(all_namespaces=args.all_namespaces, selector=args.selector).get("items") or []
         found = select([run_from_resource(item) for item in items], filters)
-        show(found, args, single=False)
+        show(found, args, False, runs.namespace)
         if args.watch:
             watch(runs, args, found, set(), filters.statuses)
     return 0
@@ -174,13 +174,13 @@ def _split(values: Sequence[str]) -> list[str]:
     return [part for value in values for part in value.split(",") if part.strip()]
 
 
-def show(found: list[TrainingRun], args: argparse.Namespace, single: bool) -> None:
+def show(found: list[TrainingRun], args: argparse.Namespace, single: bool, namespace: str) -> None:
     text = render(found, args.output, args.all_namespaces, single, datetime.now(timezone.utc))
     if text:
         print(text, flush=True)
-    elif args.output not in ("json", "yaml", "name"):
-        where = "any namespace" if args.all_namespaces else f"namespace {args.namespace or 'the current'!s}"
-        print(f"No TrainingRuns found in {where}.", file=sys.stderr)
+    elif args.output not in ("json", "yaml", "name"):  # as kubectl: a note on stderr, exit 0
+        print(f"No TrainingRuns found in {'any namespace' if args.all_namespaces else namespace + ' namespace'}.",
+              file=sys.stderr)
 
 
 def _version(resource: dict[str, Any]) -> tuple[str, str, str]:
