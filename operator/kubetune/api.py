@@ -215,7 +215,7 @@ class DataPrep(_Api):
     """How data preparation runs (replaces the managed service's data_prep_cluster_id)."""
 
     parallelism: int = Field(1, ge=1, le=256)
-    """Worker processes that read, validate and tokenize the data."""
+    """Pods that prepare the data together, a share of the records each; pod 0 merges the shares."""
     resources: ComputeResources = Field(default_factory=ComputeResources)
 
 
@@ -613,6 +613,8 @@ class TrainingRunStatus(_Status):
     progress: Progress | None = None
     latest_checkpoint: str | None = None
     mlflow: MlflowInfo | None = None
+    dropped_samples: int = Field(0, ge=0)
+    """Valid records left with no token to learn once truncated to the context length."""
     registered_model: RegisteredModel | None = None
     data_stats: DataStats | None = None
     attempts: int = Field(0, ge=0)

@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               "  (run again with KUBETUNE_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_FAILED
 
+                         ("dropped (no token left to learn)", stats.dropped_samples),
 
 if __name__ == "__main__":
     # As `python -m kubetune.cli`, this file is `__main__`; the command modules import

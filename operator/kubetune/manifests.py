@@ -23,6 +23,20 @@ from enum import Enum
 from typing import Any
 
 from kubetune_trainer.config import RunConfig, is_object_store
+from kubetune_trainer.contract import (
+    ENV_HF_HOME,
+    ENV_HF_TOKEN,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
+    ENV_POD_IP,
+    ENV_PREP_SHARD,
+    ENV_PREP_SHARDS,
+    ENV_SCRATCH_DIR,
+    EXIT_PERMANENT,
+)
 
 from .api import API_VERSION, GROUP, KIND, TrainingRun
 from .resolve import storage_claim
@@ -365,14 +379,23 @@ def _job(ctx: BuildContext, name: str, component: Component, template: dict[str,
 
 
 def build_prep_job(ctx: BuildContext) -> dict[str, Any]:
-    res = ctx.run.spec.data_prep.resources
+    prep = ctx.run.spec.data_prep
+    shards = prep.parallelism  # > 1: one pod per shard of the records; pod 0 merges them
     container = _container(ctx, "prepare", _step_command(ctx, "prepare"),
-                           _quantities(res.cpu, res.memory))
+                           _quantities(prep.resources.cpu, prep.resources.memory),
+                           env=_shard_env(shards) if shards > 1 else ())
+def _shard_env(shards: int) -> list[dict[str, Any]]:
+    index_path = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+    return [{"name": ENV_PREP_SHARD, "valueFrom": {"fieldRef": {"fieldPath": index_path}}},
+            {"name": ENV_PREP_SHARDS, "value": str(shards)}]
+
+
     template = _pod_template(ctx, Component.PREP, container)
     return _job(ctx, prep_job_name(ctx.name), Component.PREP, template,
-                {"backoffLimit": ctx.settings.prep_backoff_limit,
+                {**indexed, "backoffLimit": ctx.settings.prep_backoff_limit,
                  "podFailurePolicy": _retry_policy("prepare")})
 
+    indexed = {"completionMode": "Indexed", "completions": shards, "parallelism": shards} if shards > 1 else {}
 
 def build_train_job(ctx: BuildContext) -> dict[str, Any]:
     resources = ctx.run.spec.resources

@@ -308,3 +308,5 @@ def test_get_models_lists_the_catalog_with_context_lengths():
     assert by_name["meta-llama/Llama-3.1-8B-Instruct"].max_context_length == 131072
     assert by_name["meta-llama/Llama-3.1-8B-Instruct"].display_name == "Llama 3.1 8B Instruct"
     assert "Maximum Context Length" in models._repr_html_()
+    frame = models.to_pandas()
+    assert list(frame.columns) == ["Model Name", "Input Name", "Maximum Context Length"] and len(frame) == len(models)

@@ -386,6 +386,7 @@ def _wanted_conditions(draft: _Draft) -> dict[str, Want]:
     return {
         VALIDATED: Want("False", draft.reason, draft.message) if draft.invalid
         else Want("True", "SpecValid", "the spec is valid"),
+            f"{stats.get('droppedSamples', 0)} dropped (nothing to learn), "
         DATA_PREPARED: _step_want(is_true(status, DATA_PREPARED), "DataPrepared",
                                   _stats_message(status.get("dataStats")), pending),
         TRAINED: _step_want(is_true(status, TRAINED), "Trained",
