@@ -378,24 +378,24 @@ def _job(ctx: BuildContext, name: str, component: Component, template: dict[str,
             "spec": spec}
 
 
-def build_prep_job(ctx: BuildContext) -> dict[str, Any]:
-    prep = ctx.run.spec.data_prep
-    shards = prep.parallelism  # > 1: one pod per shard of the records; pod 0 merges them
-    container = _container(ctx, "prepare", _step_command(ctx, "prepare"),
-                           _quantities(prep.resources.cpu, prep.resources.memory),
-                           env=_shard_env(shards) if shards > 1 else ())
 def _shard_env(shards: int) -> list[dict[str, Any]]:
     index_path = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
     return [{"name": ENV_PREP_SHARD, "valueFrom": {"fieldRef": {"fieldPath": index_path}}},
             {"name": ENV_PREP_SHARDS, "value": str(shards)}]
 
 
+def build_prep_job(ctx: BuildContext) -> dict[str, Any]:
+    prep = ctx.run.spec.data_prep
+    shards = prep.parallelism  # > 1: one pod per shard of the records; pod 0 merges them
+    container = _container(ctx, "prepare", _step_command(ctx, "prepare"),
+                           _quantities(prep.resources.cpu, prep.resources.memory),
+                           env=_shard_env(shards) if shards > 1 else ())
     template = _pod_template(ctx, Component.PREP, container)
+    indexed = {"completionMode": "Indexed", "completions": shards, "parallelism": shards} if shards > 1 else {}
     return _job(ctx, prep_job_name(ctx.name), Component.PREP, template,
                 {**indexed, "backoffLimit": ctx.settings.prep_backoff_limit,
                  "podFailurePolicy": _retry_policy("prepare")})
 
-    indexed = {"completionMode": "Indexed", "completions": shards, "parallelism": shards} if shards > 1 else {}
 
 def build_train_job(ctx: BuildContext) -> dict[str, Any]:
     resources = ctx.run.spec.resources

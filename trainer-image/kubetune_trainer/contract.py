@@ -37,6 +37,10 @@ RESULT_RESUME_NOTE = "resumeNote"
 MLFLOW_EXPERIMENT_ID = "experimentId"
 MLFLOW_RUN_ID = "runId"
 
+# --- the prepare Job's pods (dataPrep.parallelism > 1: an Indexed Job, one shard per pod) ----
+ENV_PREP_SHARD = "KUBETUNE_PREP_SHARD"  # this pod's number, 0..N-1 (its completion index)
+ENV_PREP_SHARDS = "KUBETUNE_PREP_SHARDS"  # N
+
 # --- files under work_dir --------------------------------------------------------------------
 PROGRESS_FILE = "result/progress.json"
 TRAIN_RESULT_FILE = "result/train.json"
