@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MAX_CONTEXT = 8192
+DEFAULT_MAX_RECORD_BYTES = 8 * 2**20  # one JSONL line or .txt file; a larger one is refused unread
 
 
 def is_object_store(uri: str) -> bool:
@@ -70,7 +71,8 @@ class RunConfig(Strict):
 
     distributed: Distributed = Field(default_factory=Distributed)
     validate_inputs: bool = True  # pre-flight checks of inputs later steps read (customWeightsPath)
-    prep_workers: int = 1
+    prep_workers: int = 1  # dataPrep.parallelism: prepare pods (shards); each uses all its CPUs
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     max_reported_errors: int = 20
     metrics_port: int = 9400  # rank 0 serves progress here (Prometheus text format)
 

@@ -12,7 +12,9 @@ import pytest
 from kubetune_trainer.config import TaskType
 from kubetune_trainer.data import PrepFailed, analyze, run_prepare
 from kubetune_trainer.data import analysis as analysis_module
-from kubetune_trainer.data.encoding import encode_text
+from kubetune_trainer.data import prepare as prepare_module
+from kubetune_trainer.data.analysis import Shard
+from kubetune_trainer.data.encoding import encode_one
 from kubetune_trainer.data.rules import Text
 from kubetune_trainer.data.store import IGNORE_INDEX, open_split
 from kubetune_trainer.errors import DataValidationFailed, UserError
@@ -91,7 +93,7 @@ def test_chat_data_with_eval_learns_assistant_turns_only(make_config, tokenizer)
 
 def test_pretraining_truncates_to_the_context_length(make_config, tokenizer):
     files = sorted((EXAMPLES / "cpt").rglob("*.txt"))
-    lengths = [len(encode_text(tokenizer, Text(path.read_text()))) for path in files]
+    lengths = [len(encode_one(tokenizer, Text(path.read_text()))) for path in files]
     context = sorted(lengths)[2]  # some samples fit, the longer ones are cut
     result = run_prepare(make_config(EXAMPLES / "cpt", CPT, context_length=context))["dataStats"]
     assert result["samples"] == 5 and result["truncatedSamples"] == sum(n > context for n in lengths) > 0
@@ -170,7 +172,13 @@ def test_an_empty_file_has_no_records(make_config, tmp_path):
         analyze(make_config(tmp_path / "empty.jsonl"))
 
 
-def test_parallel_tokenization_matches_serial(make_config, monkeypatch):
+def written(config) -> dict[str, list]:
+    split = open_split(Path(config.data_dir) / "train")
+    return {name: np.asarray(array).tolist() for name, array in split.arrays().items()}
+
+
+def test_worker_processes_and_shards_write_what_one_process_writes(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(analysis_module, "CHUNK", 8)  # 64 records: 8 chunks
     pools = []
 
     class CountedPool(analysis_module.ProcessPoolExecutor):
@@ -178,12 +186,35 @@ def test_parallel_tokenization_matches_serial(make_config, monkeypatch):
             pools.append(args)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(analysis_module, "CHUNK", 8)
     monkeypatch.setattr(analysis_module, "ProcessPoolExecutor", CountedPool)
-    serial = analysis_module.run_analysis(make_config(EXAMPLES / "chat.jsonl", CHAT))
-    parallel = analysis_module.run_analysis(make_config(EXAMPLES / "chat.jsonl", CHAT, prep_workers=2))
-    assert pools == [(2,)]
-    assert parallel.report.train.stats == serial.report.train.stats
-    for ours, theirs in zip(parallel.splits["train"].samples, serial.splits["train"].samples):
-        assert ours.input_ids.tolist() == theirs.input_ids.tolist()
-        assert ours.loss_mask.tolist() == theirs.loss_mask.tolist()
+    serial = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "serial"), context_length=96)
+    expected = run_prepare(serial, processes=1)
+    assert pools == []
+    pooled = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "pooled"), context_length=96)
+    assert run_prepare(pooled, processes=2) == expected and pools == [(2,)]
+    assert written(pooled) == written(serial)
+    # Three pods: 1 and 2 write their parts and report nothing; 0 merges, the same bytes result.
+    sharded = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "sharded"), context_length=96)
+    assert run_prepare(sharded, Shard(2, 3), processes=1) == {}
+    assert sorted(p.name for p in (tmp_path / "sharded" / "data-parts").iterdir()) == ["train-2-of-3"]
+    assert run_prepare(sharded, Shard(1, 3), processes=1) == {}
+    assert run_prepare(sharded, Shard(0, 3), processes=1, wait_timeout=5) == expected
+    assert written(sharded) == written(serial)
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["data"]
+
+
+def test_shard_zero_says_which_parts_never_came(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "WAIT_SECONDS", 0.05)
+    config = make_config(EXAMPLES / "ift.jsonl")
+    with pytest.raises(UserError, match=r"parts \['train-1-of-2'\] never finished"):
+        run_prepare(config, Shard(0, 2), processes=1, wait_timeout=0.2)
+
+
+def test_the_shard_comes_from_the_operator_variables(make_config, monkeypatch):
+    config = make_config(EXAMPLES / "ift.jsonl")
+    assert prepare_module.shard_from_env(config) == Shard(0, 1)
+    monkeypatch.setenv("KUBETUNE_PREP_SHARD", "3")
+    monkeypatch.setenv("KUBETUNE_PREP_SHARDS", "4")
+    assert prepare_module.shard_from_env(config) == Shard(3, 4)
+    staged = config.model_copy(update={"remote_work_dir": "s3://bucket/run"})
+    assert prepare_module.shard_from_env(staged) is None  # parts would not meet: pod 0 does it all

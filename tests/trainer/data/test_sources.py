@@ -43,7 +43,7 @@ def test_jsonl_file_keeps_line_numbers_and_skips_blank_lines():
 def test_invalid_utf8_is_a_record_problem(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "\xff"}\n')
     [record] = read_records(str(tmp_path / "bad.jsonl"), IFT)
-    assert record.value.rule == "line is not valid UTF-8"
+    assert record.value.rule == "line is not valid UTF-8 (byte 0xff at byte 13); save the file as UTF-8"
 
 
 def test_local_folder_reads_jsonl_files_recursively_in_order(tmp_path):

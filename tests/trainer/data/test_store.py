@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kubetune_trainer.data.packing import Sample, pack_samples
-from kubetune_trainer.data.store import ARRAY_NAMES, allocate_split, open_split, write_split
+from kubetune_trainer.data.store import ARRAY_NAMES, SplitWriter, open_split, write_split
 
 META = {"context_length": 4, "num_sequences": 1, "samples": 2, "tokens": 4, "truncated_samples": 0,
         "packing_efficiency": 1.0, "tokenizer": "tiny", "task_type": "CONTINUED_PRETRAIN"}
@@ -35,8 +35,12 @@ def test_meta_without_a_contract_key_is_refused(tmp_path):
         write_split(tmp_path / "train", arrays(), {k: v for k, v in META.items() if k != "tokenizer"})
 
 
-def test_allocated_split_starts_as_padding(tmp_path):
-    allocated = allocate_split(tmp_path / "s", num_sequences=2, context_length=3, pad_id=7)
-    assert allocated.input_ids.tolist() == [[7] * 3] * 2
-    assert allocated.labels.tolist() == [[-100] * 3] * 2
-    assert allocated.sequence_ids.sum() == 0 and allocated.position_ids.sum() == 0
+def test_a_split_written_block_by_block_reads_back_as_one(tmp_path):
+    block = arrays()
+    writer = SplitWriter(tmp_path / "s", num_sequences=2, context_length=4)
+    writer.write(block)
+    writer.write(block)
+    writer.close({**META, "num_sequences": 2})
+    opened = open_split(tmp_path / "s")
+    for name, array in block.arrays().items():
+        assert np.asarray(getattr(opened, name)).tolist() == array.tolist() * 2

@@ -1,120 +1,214 @@
-"""Read, validate, tokenize and pack in memory; nothing is written here.
+"""Read, validate, tokenize and count, a chunk of records at a time.
 
-`analyze` is the `kubetune validate` pre-flight; `prepare` runs the same analysis and then
-writes what it produced, so both report identical numbers.
+`analyze` is the `kubetune validate` pre-flight: it streams the records and keeps only each
+sample's length (packing needs no more), so it writes nothing; `prepare` runs the same passes
+and appends the tokens to a part on disk (see `parts`), so both report identical numbers.
+
+Memory holds a few chunks (CHUNK records each), whatever the size of the data. Chunks go to
+worker processes, one per CPU the pod may use, each with its own tokenizer; results come back
+in chunk order. A shard (one of `dataPrep.parallelism` pods) takes chunk k when k % shards is
+its number; every shard walks the record list, but reads and decodes only its own chunks.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import chain, islice
 from multiprocessing import get_context
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from ..config import RunConfig, TaskType
 from ..errors import UserError
 from ..inputs import check_custom_weights
-from .encoding import TemplateRefused, encode, truncate
+from .encoding import Render, chat_renderer, encode_batch, positions
 from .modelinfo import check_chat_template, load_tokenizer, model_max_context, resolve_context_length
-from .packing import Sample, pack, packing_efficiency
+from .packing import pack_compact, packing_efficiency
+from .parts import ChunkResult, Merged, Part, PartWriter, merge
 from .records import Location, Problem, Record
 from .report import DataStats, PrepFailed, PrepReport, SplitReport
-from .rules import Example, validate
-from .sources import read_records
+from .rules import validate
+from .sources import decoded, loaded, raw_records
 
-CHUNK = 256  # examples per task sent to a worker process
-
-
-@dataclass
-class PackedSplit:
-    """A split ready to write: its samples and which ones share each sequence."""
-
-    report: SplitReport
-    samples: list[Sample]
-    bins: list[list[int]]
+log = logging.getLogger(__name__)
+CHUNK = 512  # records per chunk: the unit of a worker's task, of a shard's share, of memory
 
 
-@dataclass
-class Analysis:
-    report: PrepReport
-    splits: dict[str, PackedSplit]  # "train", and "eval" when there is eval data
+@dataclass(frozen=True)
+class Encoder:
+    """What turns a chunk of records into samples: the same in the parent and in workers."""
+
+    task: TaskType
     tokenizer: Any
+    context_length: int
+    render: Render | None
+
+    @classmethod
+    def load(cls, model: str, task: TaskType, context_length: int, tokenizer: Any = None) -> "Encoder":
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        render = chat_renderer(tokenizer) if task == TaskType.CHAT_COMPLETION else None
+        return cls(task, tokenizer, context_length, render)
+
+    def process(self, index: int, records: list[Record]) -> ChunkResult:
+        examples, where, problems = [], [], []
+        for position, record in enumerate(records):
+            checked = validate(self.task, decoded(record))
+            if isinstance(checked, Problem):
+                problems.append((position, checked))
+            else:
+                examples.append(checked)
+                where.append((position, record.location))
+        encoded = encode_batch(self.tokenizer, examples, self.render)
+        problems += [(where[number][0], Problem(where[number][1], reason))
+                     for number, reason in encoded.refusals.items()]
+        problems.sort(key=lambda pair: pair[0])
+        return self.truncated(index, encoded, [location for _, location in where], [p for _, p in problems])
+
+    def truncated(self, index: int, encoded, where: list[Location], problems: list[Problem]) -> ChunkResult:
+        """Cut every sample to the context length; drop those left with nothing to learn."""
+        lengths = encoded.lengths
+        kept_lengths = np.minimum(lengths, self.context_length)
+        in_context = positions(lengths) < self.context_length
+        mask = encoded.mask[in_context]
+        owner = np.repeat(np.arange(len(lengths)), kept_lengths)
+        learned = np.bincount(owner, weights=mask, minlength=len(lengths)) > 0
+        refused = np.zeros(len(lengths), dtype=bool)
+        refused[list(encoded.refusals)] = True
+        keep = learned & ~refused
+        dropped = [where[i] for i in np.flatnonzero(~learned & ~refused)]
+        tokens = np.repeat(keep, kept_lengths)
+        return ChunkResult(index, encoded.ids[in_context][tokens], mask[tokens], kept_lengths[keep],
+                           problems, int((lengths[keep] > self.context_length).sum()), dropped)
 
 
-def valid_examples(task: TaskType, records: Iterable[Record], report: SplitReport,
-                   cap: int) -> list[tuple[Location, Example]]:
-    found = []
+# --- chunks, workers, shards -------------------------------------------------------------------
+
+def own_chunks(records: Iterable[Record], shard: int, shards: int) -> Iterator[tuple[int, list[Record]]]:
+    """(chunk number, its records read) for the chunks this shard owns."""
+    batch: list[Record] = []
+    index = 0
     for record in records:
-        checked = validate(task, record)
-        if isinstance(checked, Problem):
-            report.add_problem(checked, cap)
-        else:
-            found.append((record.location, checked))
-    return found
+        batch.append(record)
+        if len(batch) == CHUNK:
+            if index % shards == shard:
+                yield index, [loaded(item) for item in batch]
+            index, batch = index + 1, []
+    if batch and index % shards == shard:
+        yield index, [loaded(item) for item in batch]
 
 
-# Forked workers load their own tokenizer once: a Rust tokenizer whose thread pool ran in the
-# parent must not be reused in a child (the tokenizers library would disable it with a warning).
-_worker_tokenizer: Any = None
-
-
-def _load_worker_tokenizer(model: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(model)
-
-
-def encode_or_refusal(tokenizer: Any, example: Example) -> Sample | str:
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a pod's limit)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        return encode(tokenizer, example)
-    except TemplateRefused as refused:
-        return str(refused)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
 
 
-def _encode_in_worker(example: Example) -> Sample | str:
-    return encode_or_refusal(_worker_tokenizer, example)
+# A worker's encoder: forked workers load their own tokenizer once. A Rust tokenizer whose
+# thread pool ran in the parent must not be reused in a child (the library would disable it).
+_worker: Encoder | None = None
 
 
-def encode_all(tokenizer: Any, model: str, examples: Sequence[Example], workers: int) -> list[Sample | str]:
-    """Tokenize in order; with several workers, in processes that each load the tokenizer."""
-    if workers <= 1 or len(examples) < 2 * CHUNK:
-        return [encode_or_refusal(tokenizer, example) for example in examples]
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes instead of Rust threads
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
-                             initializer=_load_worker_tokenizer, initargs=(model,)) as pool:
-        return list(pool.map(_encode_in_worker, examples, chunksize=CHUNK))
+def _start_worker(model: str, task: TaskType, context_length: int) -> None:
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per CPU instead of Rust threads
+    _worker = Encoder.load(model, task, context_length)
 
 
-def split_stats(samples: Sequence[Sample], truncated: int, bins: Sequence[Sequence[int]],
-                context_length: int) -> DataStats:
-    tokens = sum(len(item) for item in samples)
-    return DataStats(len(samples), tokens, truncated, len(bins),
-                     packing_efficiency(tokens, len(bins), context_length))
+def _process_in_worker(index: int, records: list[Record]) -> ChunkResult:
+    assert _worker is not None
+    return _worker.process(index, records)
 
 
-def analyze_split(config: RunConfig, split: str, uri: str, tokenizer: Any,
-                  context_length: int) -> PackedSplit:
-    report = SplitReport(split, uri)
-    cap = config.max_reported_errors
-    located = valid_examples(config.task_type, read_records(uri, config.task_type), report, cap)
-    encoded = encode_all(tokenizer, config.model, [example for _, example in located], config.prep_workers)
-    samples, truncated = [], 0
-    for (location, _), item in zip(located, encoded):
-        if isinstance(item, str):
-            report.add_problem(Problem(location, item), cap)
-            continue
-        kept, cut = truncate(item, context_length)
-        samples.append(kept)
-        truncated += cut
-    if not samples and not report.invalid_records:
+def in_order(pool: Executor, function: Callable, items: Iterable[tuple], window: int) -> Iterator:
+    """pool.map that keeps at most `window` tasks in flight (Executor.map submits all at once,
+    which would hold the whole dataset in memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(function, *item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def chunk_results(encoder: Encoder, model: str, chunks: Iterable[tuple[int, list[Record]]],
+                  workers: int) -> Iterator[ChunkResult]:
+    chunks = iter(chunks)
+    head = list(islice(chunks, 2))
+    chunks = chain(head, chunks)
+    if workers <= 1 or len(head) < 2:  # a small split is done before workers would have started
+        yield from (encoder.process(index, records) for index, records in chunks)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker,
+                             initargs=(model, encoder.task, encoder.context_length)) as pool:
+        yield from in_order(pool, _process_in_worker, chunks, 2 * workers)
+
+
+# --- a split -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    number: int = 0
+    count: int = 1
+
+
+def read_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folder: Path | None,
+              processes: int | None = None) -> Part:
+    """This shard's chunks of one split: counted, and with a folder written to a part there.
+    `processes`: worker processes, by default one per available CPU."""
+    records = raw_records(uri, config.task_type, config.max_record_bytes)
+    writer = PartWriter(folder, config.max_reported_errors)
+    chunks = own_chunks(records, shard.number, shard.count)
+    for result in chunk_results(encoder, config.model, chunks, processes or available_cpus()):
+        writer.add(result)
+    return writer.close()
+
+
+def split_report(split: str, uri: str, merged: Merged,
+                 context_length: int) -> tuple[SplitReport, tuple[np.ndarray, np.ndarray]]:
+    """Pack the merged samples; the report and the bins (see `packing.pack_compact`)."""
+    report = SplitReport(split, uri, problems=merged.problems, invalid_records=merged.invalid_records)
+    if not len(merged.lengths) and not merged.invalid_records:
+        if merged.dropped:
+            raise UserError(f"{uri}: no sample has a token to learn within contextLength {context_length} "
+                            f"({merged.dropped} dropped, e.g. {merged.dropped_where[0]}); raise contextLength "
+                            f"or shorten the prompts")
         raise UserError(f"{uri}: no records found ({split} data)")
-    bins = pack([len(item) for item in samples], context_length)
-    report.stats = split_stats(samples, truncated, bins, context_length)
-    return PackedSplit(report, samples, bins)
+    order, bounds = pack_compact(merged.lengths, context_length)
+    tokens = int(merged.lengths.sum())
+    sequences = len(bounds) - 1
+    report.stats = DataStats(len(merged.lengths), tokens, merged.truncated, sequences,
+                             packing_efficiency(tokens, sequences, context_length), merged.dropped)
+    if merged.dropped:
+        log.warning("%s: %d sample(s) dropped, nothing left to learn within contextLength %d (e.g. %s)",
+                    uri, merged.dropped, context_length, ", ".join(map(str, merged.dropped_where[:3])))
+    report.dropped_where = merged.dropped_where
+    return report, (order, bounds)
 
 
-def run_analysis(config: RunConfig) -> Analysis:
-    """Everything but the writing; raises PrepFailed (a DataValidationFailed) on bad records."""
+# --- the whole analysis ------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    tokenizer: Any
+    context_length: int
+    sources: dict[str, str]  # split -> uri
+
+
+def setup(config: RunConfig) -> Setup:
     if config.validate_inputs:
         check_custom_weights(config.custom_weights_path)
     tokenizer = load_tokenizer(config.model)
@@ -123,15 +217,24 @@ def run_analysis(config: RunConfig) -> Analysis:
     sources = {"train": config.train_data_path}
     if config.eval_data_path:
         sources["eval"] = config.eval_data_path
-    splits = {name: analyze_split(config, name, uri, tokenizer, context_length)
-              for name, uri in sources.items()}
-    report = PrepReport(context_length, splits["train"].report,
-                        splits["eval"].report if "eval" in splits else None, config.max_reported_errors)
+    return Setup(tokenizer, context_length, sources)
+
+
+def checked_report(config: RunConfig, context_length: int, splits: dict[str, SplitReport]) -> PrepReport:
+    report = PrepReport(context_length, splits["train"], splits.get("eval"), config.max_reported_errors)
     if not report.ok:
         raise PrepFailed(report)
-    return Analysis(report, splits, tokenizer)
+    return report
 
 
-def analyze(config: RunConfig) -> PrepReport:
-    """The pre-flight: validate, tokenize and pack in memory, write nothing."""
-    return run_analysis(config).report
+def analyze(config: RunConfig, processes: int | None = None) -> PrepReport:
+    """The pre-flight: validate, tokenize and pack, write nothing; raises PrepFailed (a
+    DataValidationFailed) on bad records."""
+    ready = setup(config)
+    encoder = Encoder.load(config.model, config.task_type, ready.context_length, ready.tokenizer)
+    splits = {}
+    for split, uri in ready.sources.items():
+        part = read_part(config, uri, encoder, Shard(), None, processes)
+        merged = merge([part], config.max_reported_errors)
+        splits[split] = split_report(split, uri, merged, ready.context_length)[0]
+    return checked_report(config, ready.context_length, splits)

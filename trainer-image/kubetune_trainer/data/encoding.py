@@ -1,4 +1,4 @@
-"""Examples -> token ids with a loss mask, per task type.
+"""Examples -> token ids with a loss mask, per task type, a batch at a time.
 
 - prompt/response: prompt (with the tokenizer's special tokens, e.g. BOS) + response + EOS;
   loss on the response and EOS only. No template: the user bakes it into the prompt.
@@ -6,13 +6,20 @@
   turns' character spans come from rendering prefixes of the conversation (the text added by
   turn i is render(messages[:i+1]) minus render(messages[:i], generation prompt)), so no
   `{% generation %}` markers are needed; templates that render prefixes inconsistently fall
-  back to locating the contents in order. Token offsets map the spans to tokens.
+  back to locating the contents in order. The tokens holding a span's first and last
+  characters bound the learned tokens.
 - text: BOS + text + EOS, loss everywhere.
+
+Speed: each batch goes to the Rust tokenizer in one `encode_batch` call (it spreads the batch
+over its threads), the fast variant without offsets where no offsets are needed, and the
+results are laid out in flat arrays, never one numpy array per sample.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -20,54 +27,142 @@ from .packing import Sample
 from .rules import Conversation, Example, PromptResponse, Text
 
 Span = tuple[int, int]  # [start, end) in characters of the rendered text
+Render = Callable[[Sequence[dict], bool], str]
 
 
 class TemplateRefused(Exception):
     """The chat template cannot render this conversation; reported like a broken rule."""
 
 
+@dataclass
+class Encoded:
+    """A batch of samples, flat: sample i is `ids[starts[i]:starts[i] + lengths[i]]`.
+
+    A conversation the chat template refused has length 0 and its reason in `refusals`.
+    """
+
+    ids: np.ndarray  # int32
+    mask: np.ndarray  # bool, True where the token is learned
+    lengths: np.ndarray  # int64, one per example of the batch
+    refusals: dict[int, str]
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def sample(self, index: int) -> Sample:
+        start = int(self.starts[index])
+        end = start + int(self.lengths[index])
+        return Sample(self.ids[start:end], self.mask[start:end])
+
+
+def backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer of a transformers fast tokenizer."""
+    return tokenizer.backend_tokenizer
+
+
 def with_eos(ids: list[int], eos_id: int | None) -> list[int]:
     return ids + [eos_id] if eos_id is not None and (not ids or ids[-1] != eos_id) else ids
 
 
-def sample(ids: Sequence[int], mask: Sequence[bool]) -> Sample:
-    return Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
+def positions(lengths: np.ndarray) -> np.ndarray:
+    """Each token's position inside its sample, for flat arrays of samples of `lengths`."""
+    total = int(lengths.sum())
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(total, dtype=np.int64) - starts
 
 
-def encode_prompt_response(tokenizer: Any, example: PromptResponse) -> Sample:
-    prompt = tokenizer(example.prompt)["input_ids"]
-    response = with_eos(tokenizer(example.response, add_special_tokens=False)["input_ids"],
-                        tokenizer.eos_token_id)
-    return sample(prompt + response, [False] * len(prompt) + [True] * len(response))
+def flat(id_lists: Sequence[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
+    return ids, lengths
 
 
-def encode_text(tokenizer: Any, example: Text) -> Sample:
-    ids = with_eos(tokenizer(example.text)["input_ids"], tokenizer.eos_token_id)
-    return sample(ids, [True] * len(ids))
+def encode_prompt_responses(tokenizer: Any, examples: Sequence[PromptResponse]) -> Encoded:
+    rust = backend(tokenizer)
+    prompts = rust.encode_batch_fast([example.prompt for example in examples], add_special_tokens=True)
+    responses = rust.encode_batch_fast([example.response for example in examples], add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    prompt_lengths, id_lists = [], []
+    for prompt, response in zip(prompts, responses):
+        prompt_ids = prompt.ids
+        prompt_lengths.append(len(prompt_ids))
+        id_lists.append(prompt_ids + with_eos(response.ids, eos))
+    ids, lengths = flat(id_lists)
+    mask = positions(lengths) >= np.repeat(np.asarray(prompt_lengths, dtype=np.int64), lengths)
+    return Encoded(ids, mask, lengths, {})
+
+
+def encode_texts(tokenizer: Any, examples: Sequence[Text]) -> Encoded:
+    encoded = backend(tokenizer).encode_batch_fast([example.text for example in examples], add_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    ids, lengths = flat([with_eos(item.ids, eos) for item in encoded])
+    return Encoded(ids, np.ones(len(ids), dtype=bool), lengths, {})
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+def chat_renderer(tokenizer: Any) -> Render:
+    """render(messages, generation_prompt) with the model's chat template.
+
+    The compiled template is called directly: `apply_chat_template` costs several times the
+    render itself per call, and a conversation is rendered once per assistant turn and once
+    whole. It falls back to `apply_chat_template` where that shortcut renders differently.
+    """
+
+    def slow(messages: Sequence[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.get_chat_template())
+        variables = dict(tokenizer.special_tokens_map)
+    except Exception:  # no template, or a transformers without this helper: the public path
+        return guarded(slow)
+
+    def fast(messages: Sequence[dict], generation_prompt: bool) -> str:
+        return template.render(messages=list(messages), tools=None, documents=None,
+                               add_generation_prompt=generation_prompt, **variables)
+
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    try:
+        same = all(fast(probe[:n], n < 2) == slow(probe[:n], n < 2) for n in (1, 2))
+    except Exception:
+        same = False
+    return guarded(fast if same else slow)
+
+
+def guarded(render: Render) -> Render:
+    def checked(messages: Sequence[dict], generation_prompt: bool = False) -> str:
+        try:
+            return render(messages, generation_prompt)
+        except Exception as error:  # jinja's TemplateError, or any error the template's code raises
+            raise TemplateRefused(f"the model's chat template refused the conversation: {error}") from error
+
+    return checked
 
 
 def render(tokenizer: Any, messages: Sequence[dict], generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-    except Exception as error:  # jinja's TemplateError, or any error the template's code raises
-        raise TemplateRefused(f"the model's chat template refused the conversation: {error}") from error
+    return chat_renderer(tokenizer)(messages, generation_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[dict], full: str) -> list[Span]:
+def assistant_spans(render: Render, messages: Sequence[dict], full: str) -> list[Span]:
     """Character spans of the assistant turns in `full` (the rendered conversation)."""
-    spans = prefix_spans(tokenizer, messages, full)
+    spans = prefix_spans(render, messages, full)
     return spans if spans is not None else content_spans(messages, full)
 
 
-def prefix_spans(tokenizer: Any, messages: Sequence[dict], full: str) -> list[Span] | None:
-    """Spans from prefix renders; None when the template renders prefixes inconsistently."""
+def prefix_spans(render: Render, messages: Sequence[dict], full: str) -> list[Span] | None:
+    """Spans from prefix renders; None when the template renders prefixes inconsistently.
+    The last turn ends the conversation: its render through that turn is `full` itself."""
     spans: list[Span] = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:index], generation_prompt=True)
-        through = render(tokenizer, messages[: index + 1])
+        before = render(messages[:index], True)
+        through = full if index == len(messages) - 1 else render(messages[: index + 1], False)
         if not (full.startswith(through) and through.startswith(before) and len(before) < len(through)):
             return None
         spans.append((len(before), len(through)))
@@ -89,24 +184,62 @@ def content_spans(messages: Sequence[dict], full: str) -> list[Span]:
     return spans
 
 
-def encode_conversation(tokenizer: Any, example: Conversation) -> Sample:
-    full = render(tokenizer, example.messages)
-    spans = assistant_spans(tokenizer, example.messages, full)
+def rendered(render: Render, example: Conversation) -> tuple[str, list[Span]]:
+    full = render(example.messages, False)
+    return full, assistant_spans(render, example.messages, full)
+
+
+def span_mask(encoding: Any, spans: Sequence[Span]) -> np.ndarray:
+    """Learned tokens: every token that holds a character of a span."""
+    mask = np.zeros(len(encoding.ids), dtype=bool)
+    for start, end in spans:
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None or last is None:  # a character no token holds (a normalizer dropped it)
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+        else:
+            mask[first:last + 1] = True
+    return mask
+
+
+def encode_conversations(tokenizer: Any, examples: Sequence[Conversation],
+                         render: Render | None = None) -> Encoded:
+    render = render or chat_renderer(tokenizer)
+    texts, span_lists, refusals = [], [], {}
+    for number, example in enumerate(examples):
+        try:
+            full, spans = rendered(render, example)
+        except TemplateRefused as refused:
+            full, spans = "", []
+            refusals[number] = str(refused)
+        texts.append(full)
+        span_lists.append(spans)
     # The template writes the special tokens (BOS...) itself: do not add them a second time.
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    mask = np.zeros(len(offsets), dtype=bool)
-    for start, end in spans:  # a token that holds any character of a turn is learned
-        mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-    return sample(encoded["input_ids"], mask)
+    encodings = backend(tokenizer).encode_batch(texts, add_special_tokens=False)
+    id_lists = [[] if number in refusals else encoding.ids for number, encoding in enumerate(encodings)]
+    ids, lengths = flat(id_lists)
+    masks = [span_mask(encoding, spans) for number, (encoding, spans) in enumerate(zip(encodings, span_lists))
+             if number not in refusals]
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    return Encoded(ids, mask, lengths, refusals)
 
 
-def encode(tokenizer: Any, example: Example) -> Sample:
-    if isinstance(example, PromptResponse):
-        return encode_prompt_response(tokenizer, example)
-    if isinstance(example, Conversation):
-        return encode_conversation(tokenizer, example)
-    return encode_text(tokenizer, example)
+def encode_batch(tokenizer: Any, examples: Sequence[Example], render: Render | None = None) -> Encoded:
+    """All examples of a batch are of one task type (one run has one)."""
+    if not examples:
+        return Encoded(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), {})
+    if isinstance(examples[0], PromptResponse):
+        return encode_prompt_responses(tokenizer, examples)
+    if isinstance(examples[0], Conversation):
+        return encode_conversations(tokenizer, examples, render)
+    return encode_texts(tokenizer, examples)
+
+
+def encode_one(tokenizer: Any, example: Example) -> Sample:
+    encoded = encode_batch(tokenizer, [example])
+    if encoded.refusals:
+        raise TemplateRefused(encoded.refusals[0])
+    return encoded.sample(0)
 
 
 def truncate(item: Sample, context_length: int) -> tuple[Sample, bool]:

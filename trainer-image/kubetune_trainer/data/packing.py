@@ -31,18 +31,20 @@ class Sample:
         return int(self.input_ids.shape[0])
 
 
-def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Group sample indices into bins whose lengths sum to <= capacity (best-fit decreasing).
-
-    Returns the bins in creation order, each listing its sample indices in insertion order.
-    """
-    bins: list[list[int]] = []
+def pack_compact(lengths: Sequence[int] | np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing over `lengths`; returns (order, bounds): bin b holds the samples
+    `order[bounds[b]:bounds[b + 1]]`, bins in creation order, samples in insertion order.
+    Flat arrays instead of a list per bin: a few bytes per sample for a large split."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bad = np.flatnonzero((lengths <= 0) | (lengths > capacity))
+    if len(bad):
+        raise ValueError(f"sample {bad[0]} has length {lengths[bad[0]]}, outside 1..{capacity}")
+    by_length = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by index
+    bin_of = np.empty(len(lengths), dtype=np.int64)  # per sample of by_length
     rooms: list[int] = []  # sorted distinct free rooms that some bin has
     bins_by_room: dict[int, deque[int]] = {}  # room -> bin numbers, oldest first
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        length = lengths[index]
-        if not 0 < length <= capacity:
-            raise ValueError(f"sample {index} has length {length}, outside 1..{capacity}")
+    count = 0
+    for position, length in enumerate(lengths[by_length].tolist()):
         slot = bisect.bisect_left(rooms, length)
         if slot < len(rooms):
             room = rooms[slot]
@@ -51,15 +53,25 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
                 del bins_by_room[room]
                 rooms.pop(slot)
         else:
-            room, number = capacity, len(bins)
-            bins.append([])
-        bins[number].append(index)
+            room, number, count = capacity, count, count + 1
+        bin_of[position] = number
         left = room - length
         if left > 0:
             if left not in bins_by_room:
                 bisect.insort(rooms, left)
             bins_by_room.setdefault(left, deque()).append(number)
-    return bins
+    order = by_length[np.argsort(bin_of, kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=count))]).astype(np.int64)
+    return order, bounds
+
+
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group sample indices into bins whose lengths sum to <= capacity (best-fit decreasing).
+
+    Returns the bins in creation order, each listing its sample indices in insertion order.
+    """
+    order, bounds = pack_compact(lengths, capacity)
+    return [order[bounds[b]:bounds[b + 1]].tolist() for b in range(len(bounds) - 1)]
 
 
 def fill_row(row: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:
@@ -93,7 +105,7 @@ def fill_arrays(arrays: PackedArrays, samples: Sequence[Sample], bins: Sequence[
 
 
 def pack_samples(samples: Sequence[Sample], context_length: int, pad_id: int) -> PackedArrays:
-    """Pack into new in-memory arrays (tests and small splits; `prepare` fills memory maps)."""
+    """Pack into new in-memory arrays (tests and small splits; `prepare` writes block by block)."""
     bins = pack([len(sample) for sample in samples], context_length)
     arrays = empty_arrays(len(bins), context_length, pad_id)
     fill_arrays(arrays, samples, bins)

@@ -3,6 +3,12 @@
 Writing goes to a temp folder next to `data/`, which is renamed into place, and `_SUCCESS`
 (holding the stats) is written last by an atomic rename. A `data/` without `_SUCCESS` is a
 half-written leftover of a killed attempt and is redone from scratch.
+
+With `dataPrep.parallelism` N > 1 the prepare Job runs N pods (an Indexed Job; the operator
+sets KUBETUNE_PREP_SHARD and KUBETUNE_PREP_SHARDS). Each writes its part of every split to
+`data-parts/` (atomically, so a retried pod skips a finished part); pod 0 then waits for all
+parts and merges them into `data/` exactly as one pod would have written it, and only it
+reports the statistics.
 """
 
 from __future__ import annotations
@@ -11,19 +17,27 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+import numpy as np
+
+from ..config import RunConfig, is_object_store
+from ..contract import ENV_PREP_SHARD, ENV_PREP_SHARDS
 from ..errors import UserError
-from .analysis import Analysis, PackedSplit, run_analysis
-from .packing import fill_arrays
-from .store import PackedArrays, allocate_split, write_meta
+from .analysis import Encoder, Setup, Shard, checked_report, read_part, setup, split_report
+from .packing import Sample, empty_arrays, fill_row
+from .parts import Merged, Part, SampleReader, is_done, load_part, merge
+from .store import SplitWriter
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 STATS = "stats.json"
+PARTS = "data-parts"  # next to data/ in the work dir
+BLOCK_BYTES = 8 * 2**20  # rows written at a time, per array
+WAIT_SECONDS = 2.0  # pod 0 polls for the other parts this often
 
 
 def local_dir(uri: str) -> Path:
@@ -41,18 +55,15 @@ def completed(data_dir: Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def split_meta(config: RunConfig, analysis: Analysis, split: PackedSplit) -> dict[str, Any]:
-    stats = split.report.stats
-    return {
-        "context_length": analysis.report.context_length,
-        "num_sequences": stats.sequences,
-        "samples": stats.samples,
-        "tokens": stats.tokens,
-        "truncated_samples": stats.truncated_samples,
-        "packing_efficiency": stats.packing_efficiency,
-        "tokenizer": config.model,
-        "task_type": config.task_type.value,
-    }
+def shard_from_env(config: RunConfig) -> Shard | None:
+    """This pod's shard, from the operator's variables; None: this pod has nothing to do."""
+    count = int(os.environ.get(ENV_PREP_SHARDS) or 1)
+    number = int(os.environ.get(ENV_PREP_SHARD) or 0)
+    if count > 1 and is_object_store(config.remote_work_dir or config.work_dir):
+        # Each pod stages its own copy of an object-store work dir, so parts would never meet.
+        log.info("object-store work dir: pod 0 prepares all the data, pod %d has nothing to do", number)
+        return Shard(0, 1) if number == 0 else None
+    return Shard(number, count)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -62,14 +73,39 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def write_split_files(folder: Path, config: RunConfig, analysis: Analysis, split: PackedSplit) -> None:
-    meta = split_meta(config, analysis, split)
-    arrays: PackedArrays = allocate_split(folder, meta["num_sequences"], meta["context_length"],
-                                          pad_id(analysis.tokenizer))
-    fill_arrays(arrays, split.samples, split.bins)
-    for array in arrays.arrays().values():
-        array.flush()
-    write_meta(folder, meta)
+def split_meta(config: RunConfig, context_length: int, stats) -> dict[str, Any]:
+    return {
+        "context_length": context_length,
+        "num_sequences": stats.sequences,
+        "samples": stats.samples,
+        "tokens": stats.tokens,
+        "truncated_samples": stats.truncated_samples,
+        "dropped_samples": stats.dropped_samples,
+        "packing_efficiency": stats.packing_efficiency,
+        "tokenizer": config.model,
+        "task_type": config.task_type.value,
+    }
+
+
+def write_rows(folder: Path, merged: Merged, bins: tuple[np.ndarray, np.ndarray], context_length: int,
+               pad: int, meta: dict[str, Any]) -> None:
+    """Lay the packed rows out block by block, reading each sample back from its part."""
+    order, bounds = bins
+    rows = len(bounds) - 1
+    writer = SplitWriter(folder, rows, context_length)
+    reader = SampleReader(merged)
+    per_block = max(1, BLOCK_BYTES // (4 * context_length))
+    try:
+        for first in range(0, rows, per_block):
+            block = empty_arrays(min(per_block, rows - first), context_length, pad)
+            for row in range(len(block)):
+                members = order[bounds[first + row]:bounds[first + row + 1]]
+                fill_row({name: array[row] for name, array in block.arrays().items()},
+                         [Sample(*reader.read(index)) for index in members])
+            writer.write(block)
+    finally:
+        reader.close()
+    writer.close(meta)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -78,12 +114,18 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temp, path)
 
 
-def write_data(data_dir: Path, config: RunConfig, analysis: Analysis) -> dict[str, Any]:
-    fields = analysis.report.result_fields()
+def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str, list[Part]]) -> dict[str, Any]:
+    """Merge each split's parts, check, pack and write `data/`; the result fields."""
+    merged = {split: merge(split_parts, config.max_reported_errors) for split, split_parts in parts.items()}
+    packed = {split: split_report(split, ready.sources[split], merged[split], ready.context_length)
+              for split in merged}
+    report = checked_report(config, ready.context_length, {split: pair[0] for split, pair in packed.items()})
+    fields = report.result_fields()
     temp = data_dir.with_name(f".{data_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        for name, split in analysis.splits.items():
-            write_split_files(temp / name, config, analysis, split)
+        for split, (summary, bins) in packed.items():
+            meta = split_meta(config, ready.context_length, summary.stats)
+            write_rows(temp / split, merged[split], bins, ready.context_length, pad_id(ready.tokenizer), meta)
         (temp / STATS).write_text(json.dumps(fields, indent=2, sort_keys=True))
         if data_dir.exists():  # half-written by an earlier attempt (no marker): replace it
             shutil.rmtree(data_dir)
@@ -94,14 +136,59 @@ def write_data(data_dir: Path, config: RunConfig, analysis: Analysis) -> dict[st
     return fields
 
 
-def run_prepare(config: RunConfig) -> dict[str, Any]:
+def part_folder(root: Path, split: str, shard: Shard) -> Path:
+    return root / f"{split}-{shard.number}-of-{shard.count}"
+
+
+def write_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folder: Path,
+               processes: int | None) -> None:
+    """This shard's part of a split, written atomically; a finished one is kept."""
+    if is_done(folder):
+        return
+    temp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        read_part(config, uri, encoder, shard, temp, processes)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temp, folder)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for_parts(folders: list[Path], timeout: float | None) -> None:
+    """Pod 0 waits for the others; a pod that fails for good fails the Job, which ends this one."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not all(is_done(folder) for folder in folders):
+        if deadline is not None and time.monotonic() > deadline:
+            missing = [folder.name for folder in folders if not is_done(folder)]
+            raise UserError(f"data preparation: parts {missing} never finished", "DataPrepIncomplete")
+        time.sleep(WAIT_SECONDS)
+
+
+def run_prepare(config: RunConfig, shard: Shard | None = None, processes: int | None = None,
+                wait_timeout: float | None = None) -> dict[str, Any]:
     """Prepare train (and eval) data under work_dir/data; returns the result fields
-    (`dataStats`, plus `evalDataStats` with eval data)."""
+    (`dataStats`, plus `evalDataStats` with eval data; nothing from pods other than pod 0)."""
+    shard = shard or shard_from_env(config)
+    if shard is None:
+        return {}
     data_dir = local_dir(config.data_dir)
     done = completed(data_dir)
     if done is not None:
         log.info("data already prepared in %s: not redone", data_dir)
-        return done
-    analysis = run_analysis(config)
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    return write_data(data_dir, config, analysis)
+        return done if shard.number == 0 else {}
+    ready = setup(config)
+    encoder = Encoder.load(config.model, config.task_type, ready.context_length, ready.tokenizer)
+    root = data_dir.with_name(PARTS)
+    for split, uri in ready.sources.items():
+        write_part(config, uri, encoder, shard, part_folder(root, split, shard), processes)
+    if shard.number != 0:
+        return {}
+    folders = {split: [part_folder(root, split, Shard(number, shard.count)) for number in range(shard.count)]
+               for split in ready.sources}
+    wait_for_parts([folder for split_folders in folders.values() for folder in split_folders], wait_timeout)
+    parts = {split: [load_part(folder) for folder in split_folders] for split, split_folders in folders.items()}
+    try:
+        return write_data(data_dir, config, ready, parts)
+    finally:
+        if completed(data_dir) is not None or shard.count == 1:
+            shutil.rmtree(root, ignore_errors=True)

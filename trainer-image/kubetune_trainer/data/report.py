@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataValidationFailed
-from .records import Problem
+from .records import Location, Problem
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class DataStats:
     truncated_samples: int
     sequences: int
     packing_efficiency: float
+    dropped_samples: int = 0  # valid records left with no token to learn after truncation
 
     def to_result(self) -> dict[str, Any]:
         """camelCase, as the result document and the TrainingRun status carry them."""
@@ -24,6 +25,7 @@ class DataStats:
             "samples": self.samples,
             "tokens": self.tokens,
             "truncatedSamples": self.truncated_samples,
+            "droppedSamples": self.dropped_samples,
             "sequences": self.sequences,
             "packingEfficiency": self.packing_efficiency,
         }
@@ -31,7 +33,7 @@ class DataStats:
     @classmethod
     def from_result(cls, fields: dict[str, Any]) -> "DataStats":
         return cls(fields["samples"], fields["tokens"], fields["truncatedSamples"],
-                   fields["sequences"], fields["packingEfficiency"])
+                   fields["sequences"], fields["packingEfficiency"], fields.get("droppedSamples", 0))
 
 
 @dataclass
@@ -43,6 +45,7 @@ class SplitReport:
     stats: DataStats | None = None
     problems: list[Problem] = field(default_factory=list)  # at most the report's cap
     invalid_records: int = 0
+    dropped_where: list[Location] = field(default_factory=list)  # the first dropped samples
 
     def add_problem(self, problem: Problem, cap: int) -> None:
         self.invalid_records += 1

@@ -11,6 +11,7 @@ Detection, in order:
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import posixpath
@@ -18,9 +19,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from ..config import TaskType
+from ..config import DEFAULT_MAX_RECORD_BYTES, TaskType
 from ..errors import TransientError, UserError
-from .records import Location, Record, Unreadable
+from .records import Later, Location, Raw, Record, Unreadable
 
 DELTA_LOG = "_delta_log"
 HUB_PART = re.compile(r"^[\w.\-]+$")
@@ -74,42 +75,101 @@ def hub_dataset_name(path: str) -> tuple[str, str] | None:
 
 # --- files -------------------------------------------------------------------------------------
 
+BLOCK = 1 << 20  # bytes read at a time: lines are split from blocks, never read whole first
+MAX_JSON_DEPTH = 500  # deeper nesting is no training record; it would exhaust the parser's stack
+
+
+def too_big(what: str, size: int, limit: int) -> Unreadable:
+    return Unreadable(f"{what} is {size:,} bytes, over the limit of {limit:,} bytes per record; "
+                      f"it is not read (split it, or raise dataPrep.maxRecordBytes)")
+
+
 def jsonl_value(line: bytes) -> Any:
+    """A JSONL line's value, or Unreadable with the rule it breaks (bad UTF-8, bad JSON)."""
     try:
-        return json.loads(line.decode("utf-8").rstrip())
-    except UnicodeDecodeError:
-        return Unreadable("line is not valid UTF-8")
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Unreadable(f"line is not valid UTF-8 (byte 0x{line[error.start]:02x} at byte {error.start + 1}); "
+                          f"save the file as UTF-8")
+    try:
+        return json.loads(text.rstrip())  # columns as an editor counts them, trailing space aside
     except json.JSONDecodeError as error:
-        return Unreadable(f"invalid JSON: {error.msg} (column {error.colno})")
+        hint = ("; a JSON array? JSONL needs one object per line (jq -c '.[]' FILE.json > FILE.jsonl)"
+                if text.lstrip().startswith("[") else "")
+        return Unreadable(f"invalid JSON: {error.msg} (column {error.colno}){hint}")
+    except RecursionError:
+        return Unreadable(f"JSON nested too deeply to read (over {MAX_JSON_DEPTH} levels)")
 
 
-def jsonl_records(tree: FileTree, path: str) -> Iterator[Record]:
-    with tree.fs.open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():  # blank lines (a trailing newline, spacing) are not records
-                yield Record(Location(tree.display(path), number), jsonl_value(line))
+def split_lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, bytes without the newline) per line; a line over `limit` bytes gives its
+    size instead, and is skipped without being held in memory."""
+    number, head, size = 0, b"", 0
+    while block := handle.read(BLOCK):
+        *ended, rest = block.split(b"\n")
+        for piece in ended:
+            number += 1
+            size += len(piece)
+            yield number, head + piece if size <= limit else size
+            head, size = b"", 0
+        size += len(rest)
+        head = head + rest if size <= limit else b""
+    if size:  # a last line without a newline
+        yield number + 1, head if size <= limit else size
 
 
-def text_record(tree: FileTree, path: str) -> Record:
-    with tree.fs.open(path, "rb") as handle:
-        raw = handle.read()
+def unreadable_file(tree: FileTree, path: str, error: OSError) -> Record:
+    reason = error.strerror or type(error).__name__
+    return Record(Location(tree.display(path)), Unreadable(f"cannot read the file: {reason}"))
+
+
+def jsonl_records(tree: FileTree, path: str, limit: int) -> Iterator[Record]:
+    """The file's non-blank lines as records whose values are still bytes (`Raw`)."""
+    name = tree.display(path)
     try:
-        value: Any = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        value = Unreadable("file is not valid UTF-8 text")
-    return Record(Location(tree.display(path)), value)
+        with tree.fs.open(path, "rb") as handle:
+            for number, line in split_lines(handle, limit):
+                if isinstance(line, int):
+                    yield Record(Location(name, number), too_big("line", line, limit))
+                    continue
+                if number == 1 and line.startswith(codecs.BOM_UTF8):  # editors on Windows write one
+                    line = line[len(codecs.BOM_UTF8):]
+                if line.strip():  # blank lines (a trailing newline, spacing) are not records
+                    yield Record(Location(name, number), Raw(line, json=True))
+    except OSError as error:
+        yield unreadable_file(tree, path, error)
 
 
-def file_records(tree: FileTree, task: TaskType) -> Iterator[Record]:
+def text_value(raw: bytes) -> Any:
+    try:
+        return raw.decode("utf-8-sig")  # a BOM is no part of the text
+    except UnicodeDecodeError as error:
+        return Unreadable(f"file is not valid UTF-8 text (byte 0x{raw[error.start]:02x} at byte "
+                          f"{error.start + 1}); save it as UTF-8")
+
+
+def text_record(tree: FileTree, path: str, limit: int) -> Record:
+    """One text file, checked for size first, its bytes read only when needed (`Later`)."""
+    location = Location(tree.display(path))
+    try:
+        size = tree.fs.size(path)
+    except OSError as error:
+        return unreadable_file(tree, path, error)
+    if size is not None and size > limit:
+        return Record(location, too_big("file", size, limit))
+    return Record(location, Later(tree, path))
+
+
+def file_records(tree: FileTree, task: TaskType, limit: int) -> Iterator[Record]:
     suffix = ".txt" if task == TaskType.CONTINUED_PRETRAIN else ".jsonl"
     files = tree.files(suffix)
     if not files:
         raise UserError(f"{tree.uri}: no {suffix} files in this folder")
     for path in files:
         if task == TaskType.CONTINUED_PRETRAIN:
-            yield text_record(tree, path)
+            yield text_record(tree, path, limit)
         else:
-            yield from jsonl_records(tree, path)
+            yield from jsonl_records(tree, path, limit)
 
 
 # --- tables and datasets -----------------------------------------------------------------------
@@ -147,15 +207,48 @@ def hub_rows(dataset: str, split: str) -> Iterator[dict]:
 
 # --- entry point -------------------------------------------------------------------------------
 
-def read_records(uri: str, task: TaskType) -> Iterator[Record]:
-    """All raw records of a data path, in a stable order (see the module doc for detection)."""
+def raw_records(uri: str, task: TaskType, limit: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record]:
+    """Every record of a data path in a stable order (see the module doc for detection), its
+    value possibly not read (`Later`) or not decoded (`Raw`) yet: `loaded` and `decoded` do
+    that, so records another shard owns cost next to nothing, and workers decode in parallel."""
     local = "://" not in uri
     hub = hub_dataset_name(uri) if local and not os.path.exists(uri) else None
     if hub:
         return row_records(f"{hub[0]}/{hub[1]}", hub_rows(*hub))
     tree = file_tree(uri)
     if not tree.fs.exists(tree.root):
-        raise UserError(f"{uri}: no such file or folder")
+        raise UserError(f"{uri}: no such file or folder{relative_note(uri)}")
     if tree.fs.isdir(tree.root) and tree.fs.exists(posixpath.join(tree.root, DELTA_LOG)):
         return row_records(uri, delta_rows(uri))
-    return file_records(tree, task)
+    return file_records(tree, task, limit)
+
+
+def relative_note(uri: str) -> str:
+    if "://" in uri or os.path.isabs(uri) or uri.startswith("~"):
+        return ""
+    return f" (a relative path, looked up from the working directory {os.getcwd()})"
+
+
+def loaded(record: Record) -> Record:
+    """Read what was left to read (a text file's bytes); I/O, so done where the files are."""
+    if not isinstance(record.value, Later):
+        return record
+    tree, path = record.value.tree, record.value.path
+    try:
+        with tree.fs.open(path, "rb") as handle:
+            return Record(record.location, Raw(handle.read(), json=False))
+    except OSError as error:
+        return unreadable_file(tree, path, error)
+
+
+def decoded(record: Record) -> Record:
+    """Parse the bytes of a `Raw` record: pure CPU, done in the worker that validates it."""
+    if not isinstance(record.value, Raw):
+        return record
+    raw = record.value
+    return Record(record.location, jsonl_value(raw.data) if raw.json else text_value(raw.data))
+
+
+def read_records(uri: str, task: TaskType, limit: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record]:
+    """All records of a data path, read and decoded."""
+    return (decoded(loaded(record)) for record in raw_records(uri, task, limit))

@@ -72,19 +72,27 @@ def write_split(path: str | Path, arrays: PackedArrays, meta: dict[str, Any]) ->
     return folder
 
 
-def allocate_split(path: str | Path, num_sequences: int, context_length: int, pad_id: int) -> PackedArrays:
-    """Create the four `.npy` files in `path` as writable memory maps, filled with padding, so
-    a large split is written row by row without holding it in memory."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = (num_sequences, context_length)
-    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "sequence_ids": 0}
-    arrays = {}
-    for name in ARRAY_NAMES:
-        array = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=DTYPE, shape=shape)
-        array[:] = fills[name]
-        arrays[name] = array
-    return PackedArrays(**arrays)
+class SplitWriter:
+    """Writes a split's four `.npy` files front to back, a block of rows at a time, so a large
+    split is written without holding it (or a memory map of it) in memory."""
+
+    def __init__(self, path: str | Path, num_sequences: int, context_length: int):
+        self.folder = Path(path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)), "fortran_order": False,
+                  "shape": (num_sequences, context_length)}
+        self.files = {name: open(self.folder / f"{name}.npy", "wb") for name in ARRAY_NAMES}
+        for handle in self.files.values():
+            np.lib.format.write_array_header_1_0(handle, header)
+
+    def write(self, block: PackedArrays) -> None:
+        for name, array in block.arrays().items():
+            self.files[name].write(np.ascontiguousarray(array, dtype=DTYPE).tobytes())
+
+    def close(self, meta: dict[str, Any]) -> None:
+        for handle in self.files.values():
+            handle.close()
+        write_meta(self.folder, meta)
 
 
 def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
