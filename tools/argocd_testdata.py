@@ -1,12 +1,13 @@
 """Write the Argo CD health test objects from the operator's own status code.
 
-    python tools/argocd_testdata.py            # (re)write argocd/.../TrainingRun/testdata/
-    python tools/argocd_testdata.py --check    # exit 1 when a committed object is stale
+    python tools/argocd_testdata.py             # (re)write argocd/.../TrainingRun/testdata/
+    python tools/argocd_testdata.py --out DIR   # write them elsewhere (the tests judge fresh ones)
 
 Each object is a TrainingRun whose status `kubetune.reconcile.decide` wrote, step by step, from
 observations of its Jobs and pods (the same path the operator takes), so the health script is
-tested against what the operator really writes. The e2e chart test checks the script against
-live objects too (tests/e2e/test_helm_chart.py).
+tested against what the operator really writes: tests/chart runs health_test.yaml on objects
+made by the current code, so a status change that alters a verdict fails there. The e2e chart
+test judges live objects too (tests/e2e/test_helm_chart.py).
 """
 
 from __future__ import annotations
@@ -127,20 +128,12 @@ def render(run: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--out", type=Path, default=TESTDATA, help="folder to write the objects to")
     args = parser.parse_args(argv)
-    wanted = {TESTDATA / name: render(run) for name, run in scenarios().items()}
-    if args.check:
-        stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
-        for path in stale:
-            print(f"{path.relative_to(REPO)} is stale: run `python tools/argocd_testdata.py`",
-                  file=sys.stderr)
-        return 1 if stale else 0
-    TESTDATA.mkdir(parents=True, exist_ok=True)
-    for path, text in wanted.items():
-        path.write_text(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, run in scenarios().items():
+        (args.out / name).write_text(render(run))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ from kubetune import rbac
 from .tools import CHART, REPO, VALUE_SETS, go_tool, helm, kubeconform, render, run, values_args
 
 OPERATOR_KINDS = {"Deployment", "ServiceAccount", "ConfigMap", "Service", "ClusterRole",
-                  "ClusterRoleBinding", "Role", "RoleBinding", "CustomResourceDefinition"}
+                  "ClusterRoleBinding", "Role", "RoleBinding", "CustomResourceDefinition", "Lease"}
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -187,9 +187,19 @@ def test_argocd_health_script_with_argocd_interpreter():
         assert "12 passed, 0 failed" in proc.stdout, proc.stdout
 
 
-def test_argocd_testdata_comes_from_the_operator_status_code():
-    proc = run([sys.executable, REPO / "tools" / "argocd_testdata.py", "--check"])
+def test_argocd_health_of_objects_the_current_operator_code_writes(tmp_path):
+    """health_test.yaml's verdicts hold for TrainingRuns that today's `decide` writes."""
+    source = REPO / "argocd" / "resource_customizations" / "kubetune.dev" / "TrainingRun"
+    folder = tmp_path / "kubetune.dev" / "TrainingRun"
+    folder.mkdir(parents=True)
+    for name in ("health.lua", "health_test.yaml"):
+        (folder / name).write_text((source / name).read_text())
+    proc = run([sys.executable, REPO / "tools" / "argocd_testdata.py", "--out", folder / "testdata"])
     assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (folder / "testdata").iterdir()) == \
+        sorted(p.name for p in (source / "testdata").iterdir())
+    proc = run([go_tool("luahealth"), tmp_path])
+    assert proc.returncode == 0 and "12 passed, 0 failed" in proc.stdout, proc.stdout
 
 
 def test_argocd_health_runner_fails_a_wrong_expectation(tmp_path):
