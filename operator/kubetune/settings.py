@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api import MAX_EVENTS
+from .names import MAX_BACKOFF_LIMIT
 
 ENV_PREFIX = "KUBETUNE_"
 
@@ -53,7 +54,8 @@ class OperatorSettings(BaseModel):
     master_port: int = Field(default=29500, ge=1, le=65535)
     config_mount_path: str = "/etc/kubetune"
 
-    default_backoff_limit: int = Field(default=3, ge=0)  # when a run's spec has none
+    # When a run's spec has none; bounded as the spec's is, so every attempt's pods get names.
+    default_backoff_limit: int = Field(default=3, ge=0, le=MAX_BACKOFF_LIMIT)
     finalize_backoff_limit: int = Field(default=2, ge=0)  # pod retries inside the finalize Job
     prep_backoff_limit: int = Field(default=2, ge=0)  # pod retries inside the data-prep Job
     events_cap: int = Field(default=MAX_EVENTS, ge=1, le=MAX_EVENTS)  # the CRD's maxItems

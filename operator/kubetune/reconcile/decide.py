@@ -19,6 +19,20 @@ from datetime import datetime
 from typing import Any
 
 from kubetune_trainer.config import RunConfig
+from kubetune_trainer.contract import (
+    PROGRESS_BATCHES_DONE,
+    PROGRESS_BATCHES_TOTAL,
+    PROGRESS_ETA_SECONDS,
+    PROGRESS_LATEST_CHECKPOINT,
+    PROGRESS_LOSS,
+    PROGRESS_MLFLOW,
+    PROGRESS_PERCENT,
+    PROGRESS_TOKENS_PER_SECOND,
+    RESULT_DATA_STATS,
+    RESULT_LATEST_CHECKPOINT,
+    RESULT_MLFLOW,
+    RESULT_REGISTERED_MODEL,
+)
 from pydantic import BaseModel, ValidationError
 
 from ..api import (
@@ -41,7 +55,6 @@ from ..manifests import (
     build_prep_job,
     build_service,
     build_train_job,
-    name_problem,
 )
 from ..resolve import ResolveError, backoff_limit, resolve_config
 from ..settings import OperatorSettings
@@ -162,10 +175,6 @@ def _world(body: Mapping[str, Any], observed: Observed, now: datetime,
         raise SnapshotUnreadable(observed.snapshot_problem)
     if observed.snapshot is not None:
         run = parse_training_run({**body, "spec": observed.snapshot.frozen_spec(body.get("spec") or {})})
-    problem = name_problem(run.metadata.name, backoff_limit(run, settings) + 1,
-                           run.spec.resources.nodes)
-    if problem:
-        raise SpecError("metadata.name", problem.removeprefix("metadata.name "))
     try:
         config = observed.config or resolve_config(run, settings)
     except ResolveError as error:
@@ -242,7 +251,7 @@ def _prepare(world: _World, draft: _Draft) -> bool:
     if not _run_job(world, draft, job, lambda: build_prep_job(world.context()),
                     Phase.PREPARING_DATA, "DataPreparationFailed"):
         return False
-    _put(draft.status, "dataStats", DataStats, job.result().get("dataStats"))
+    _put(draft.status, "dataStats", DataStats, job.result().get(RESULT_DATA_STATS))
     draft.notes[EventType.DATA_VALIDATED] = _stats_message(draft.status.get("dataStats"))
     _mark(draft, DATA_PREPARED)
     return True
@@ -314,8 +323,8 @@ def _register(world: _World, draft: _Draft) -> bool:
                     Phase.REGISTERING, "RegistrationFailed"):
         return False
     result = job.result()
-    _put(draft.status, "registeredModel", RegisteredModel, result.get("registeredModel"))
-    _put(draft.status, "mlflow", MlflowInfo, result.get("mlflow"))
+    _put(draft.status, "registeredModel", RegisteredModel, result.get(RESULT_REGISTERED_MODEL))
+    _put(draft.status, "mlflow", MlflowInfo, result.get(RESULT_MLFLOW))
     _mark(draft, REGISTERED)
     return True
 
@@ -343,18 +352,18 @@ def _record_progress(world: _World, draft: _Draft) -> None:
     report = world.observed.progress
     if not report or draft.phase is not Phase.TRAINING or draft.suspended:
         return
-    batches_done, batches_total = report.get("batchesDone"), report.get("batchesTotal")
+    batches_done, batches_total = report.get(PROGRESS_BATCHES_DONE), report.get(PROGRESS_BATCHES_TOTAL)
     _put(draft.status, "progress", Progress, {
-        "percent": min(max(float(report.get("percent") or 0.0), 0.0), 100.0),
+        "percent": min(max(float(report.get(PROGRESS_PERCENT) or 0.0), 0.0), 100.0),
         "currentDuration": f"{batches_done}ba" if batches_done is not None else None,
         "totalDuration": f"{batches_total}ba" if batches_total is not None else None,
-        "tokensPerSecond": report.get("tokensPerSecond"),
-        "loss": report.get("loss"),
-        "etaSeconds": report.get("etaSeconds"),
+        "tokensPerSecond": report.get(PROGRESS_TOKENS_PER_SECOND),
+        "loss": report.get(PROGRESS_LOSS),
+        "etaSeconds": report.get(PROGRESS_ETA_SECONDS),
     })
-    if report.get("latestCheckpoint"):
-        draft.status["latestCheckpoint"] = report["latestCheckpoint"]
-    _put(draft.status, "mlflow", MlflowInfo, report.get("mlflow"))
+    if report.get(PROGRESS_LATEST_CHECKPOINT):
+        draft.status["latestCheckpoint"] = report[PROGRESS_LATEST_CHECKPOINT]
+    _put(draft.status, "mlflow", MlflowInfo, report.get(PROGRESS_MLFLOW))
 
 
 def _record_training_result(draft: _Draft, result: Mapping[str, Any]) -> None:
@@ -362,9 +371,9 @@ def _record_training_result(draft: _Draft, result: Mapping[str, Any]) -> None:
     draft.status["progress"] = {**progress, "percent": 100.0, "etaSeconds": 0.0}
     if progress.get("totalDuration"):
         draft.status["progress"]["currentDuration"] = progress["totalDuration"]
-    if result.get("latestCheckpoint"):
-        draft.status["latestCheckpoint"] = result["latestCheckpoint"]
-    _put(draft.status, "mlflow", MlflowInfo, result.get("mlflow"))
+    if result.get(RESULT_LATEST_CHECKPOINT):
+        draft.status["latestCheckpoint"] = result[RESULT_LATEST_CHECKPOINT]
+    _put(draft.status, "mlflow", MlflowInfo, result.get(RESULT_MLFLOW))
 
 
 def _stats_message(stats: Mapping[str, Any] | None) -> str:
@@ -372,6 +381,7 @@ def _stats_message(stats: Mapping[str, Any] | None) -> str:
         return "training data prepared"
     return (f"training data prepared: {stats.get('samples', 0)} samples, "
             f"{stats.get('tokens', 0)} tokens, {stats.get('truncatedSamples', 0)} truncated, "
+            f"{stats.get('droppedSamples', 0)} dropped (nothing to learn), "
             f"packing efficiency {float(stats.get('packingEfficiency', 0.0)):.0%}")
 
 
@@ -386,7 +396,6 @@ def _wanted_conditions(draft: _Draft) -> dict[str, Want]:
     return {
         VALIDATED: Want("False", draft.reason, draft.message) if draft.invalid
         else Want("True", "SpecValid", "the spec is valid"),
-            f"{stats.get('droppedSamples', 0)} dropped (nothing to learn), "
         DATA_PREPARED: _step_want(is_true(status, DATA_PREPARED), "DataPrepared",
                                   _stats_message(status.get("dataStats")), pending),
         TRAINED: _step_want(is_true(status, TRAINED), "Trained",
