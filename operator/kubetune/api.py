@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from kubetune import models_catalog
 from kubetune.durations import DURATION_PATTERN
+from kubetune.names import MAX_BACKOFF_LIMIT, MAX_NODES, MAX_RUN_NAME_LENGTH
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "MAX_CONTEXT_LENGTH", "MAX_EVENTS", "OWNER_ANNOTATION",
@@ -55,11 +56,9 @@ SINGULAR = "trainingrun"
 SHORT_NAME = "tr"
 OWNER_ANNOTATION = "kubetune.dev/owner"
 
-# Children are named after the run; the longest name is a training pod's hostname
-# `<run>-train-<attempt>-<index>`, a DNS label of at most 63 characters. With backoffLimit <= 100
-# and nodes <= 1024 its suffix is at most len("-train-101-1023") = 15, leaving 48.
+# Children are named after the run (`names`): with the bounds on attempts and nodes the longest,
+# a training pod's hostname, fits a DNS label when the run's name is at most MAX_RUN_NAME_LENGTH.
 RUN_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-MAX_RUN_NAME_LENGTH = 48
 RUN_NAME_RULE = (
     f"metadata.name must start with a letter, hold only a-z, 0-9 and '-', and be at most"
     f" {MAX_RUN_NAME_LENGTH} characters (kubetune names the run's Jobs and Services after it)"
@@ -232,7 +231,7 @@ class Resources(_Api):
         )
     )
 
-    nodes: int = Field(1, ge=1, le=1024)
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
     """Training pods (nodes)."""
     gpus_per_node: int = Field(0, ge=0, le=64)
     """GPUs per pod; 0 trains on CPU (gloo)."""
@@ -453,7 +452,7 @@ class TrainingRunSpec(_Api):
     scheduling: Scheduling = Field(default_factory=Scheduling)
     suspend: bool = False
     """Stop the pods; training resumes from the latest checkpoint when lifted."""
-    backoff_limit: int = Field(3, ge=0, le=100)
+    backoff_limit: int = Field(3, ge=0, le=MAX_BACKOFF_LIMIT)
     """Restarts of all ranks (from the latest checkpoint) before the run fails."""
     active_deadline_seconds: int | None = Field(None, gt=0)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)

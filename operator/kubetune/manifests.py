@@ -16,13 +16,24 @@ Every pod meets Pod Security `restricted`; secrets only ever reach pods as refer
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from kubetune_trainer.config import RunConfig, is_object_store
+from kubetune_trainer.contract import (
+    ENV_HF_HOME,
+    ENV_HF_TOKEN,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
+    ENV_POD_IP,
+    ENV_SCRATCH_DIR,
+    EXIT_PERMANENT,
+)
 from kubetune_trainer.contract import (
     ENV_HF_HOME,
     ENV_HF_TOKEN,
@@ -40,6 +51,15 @@ from kubetune_trainer.contract import (
 
 from .api import API_VERSION, GROUP, KIND, TrainingRun
 from .resolve import storage_claim
+from .names import (  # noqa: F401 (the builders' names, also used by their callers from here)
+    config_map_name,
+    finalize_job_name,
+    name_problem,
+    prep_job_name,
+    rank_hostname,
+    service_name,
+    train_job_name,
+)
 from .settings import OperatorSettings
 from .snapshot import snapshot_data
 
@@ -54,9 +74,6 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on its pods by the Job controller
 
 RUN_AS_USER = 1000
-EXIT_PERMANENT = 2  # the trainer's exit code for user errors (kubetune_trainer.results)
-DNS_LABEL_MAX = 63
-_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class Component(str, Enum):
@@ -64,46 +81,6 @@ class Component(str, Enum):
     PREP = "prep"
     TRAIN = "train"
     FINALIZE = "finalize"
-
-
-# --- names -----------------------------------------------------------------------------------
-
-def config_map_name(run_name: str) -> str:
-    return f"{run_name}-config"
-
-
-def prep_job_name(run_name: str) -> str:
-    return f"{run_name}-prep"
-
-
-def service_name(run_name: str) -> str:
-    return f"{run_name}-train"
-
-
-def train_job_name(run_name: str, attempt: int) -> str:
-    return f"{run_name}-train-{attempt}"
-
-
-def finalize_job_name(run_name: str) -> str:
-    return f"{run_name}-finalize"
-
-
-def rank_hostname(run_name: str, attempt: int, index: int) -> str:
-    """The hostname the Job controller gives an Indexed Job's pod: `<job>-<index>`."""
-    return f"{train_job_name(run_name, attempt)}-{index}"
-
-
-def name_problem(run_name: str, max_attempt: int, nodes: int) -> str | None:
-    """Why the run's name cannot name its children (a Service and pod hostnames), or None."""
-    if not _DNS_1035_LABEL.match(run_name):
-        return (f"metadata.name {run_name!r} must be a DNS-1035 label (lowercase letters, digits "
-                "and '-', starting with a letter): it names the run's Service and pods")
-    longest = rank_hostname(run_name, max_attempt, max(nodes - 1, 0))
-    if len(longest) > DNS_LABEL_MAX:
-        room = DNS_LABEL_MAX - (len(longest) - len(run_name))
-        return (f"metadata.name {run_name!r} is too long: at most {room} characters, so that pod "
-                f"hostnames such as {longest!r} fit in {DNS_LABEL_MAX}")
-    return None
 
 
 # --- context ---------------------------------------------------------------------------------
@@ -205,7 +182,7 @@ def _secret_env(ctx: BuildContext) -> tuple[list[dict[str, Any]], list[dict[str,
     env: list[dict[str, Any]] = []
     env_from: list[dict[str, Any]] = []
     if secrets.hf_token is not None:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+        env.append({"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {
             "name": secrets.hf_token.name, "key": secrets.hf_token.key}}})
     for ref in (secrets.mlflow, secrets.object_store):
         if ref is not None:
@@ -219,10 +196,10 @@ def _base_env(ctx: BuildContext) -> list[dict[str, Any]]:
     if storage_claim(ctx.run, ctx.settings) is not None:
         # One hub download per model on the shared volume, not one per pod and attempt.
         cache = f"{ctx.settings.storage_mount_path}/.cache/huggingface"
-        env.append({"name": "HF_HOME", "value": cache})
+        env.append({"name": ENV_HF_HOME, "value": cache})
     elif is_object_store(ctx.config.work_dir):
         # Steps work on a local copy of the object-store work_dir, in the pod's /tmp emptyDir.
-        env.append({"name": "KUBETUNE_SCRATCH_DIR", "value": "/tmp/kubetune-stage"})
+        env.append({"name": ENV_SCRATCH_DIR, "value": "/tmp/kubetune-stage"})
     return env
 
 
@@ -288,9 +265,9 @@ def _train_command(ctx: BuildContext) -> list[str]:
         return _step_command(ctx, "train")
     # $(VAR) is expanded by the kubelet from the container's env.
     return [*ctx.settings.torchrun_command,
-            "--nnodes", "$(NNODES)", "--nproc-per-node", "$(NPROC_PER_NODE)",
-            "--node-rank", "$(NODE_RANK)", "--master-addr", "$(MASTER_ADDR)",
-            "--master-port", "$(MASTER_PORT)",
+            "--nnodes", f"$({ENV_NNODES})", "--nproc-per-node", f"$({ENV_NPROC_PER_NODE})",
+            "--node-rank", f"$({ENV_NODE_RANK})", "--master-addr", f"$({ENV_MASTER_ADDR})",
+            "--master-port", f"$({ENV_MASTER_PORT})",
             "-m", ctx.settings.trainer_module, "train", "--config", ctx.settings.config_file]
 
 
@@ -299,12 +276,12 @@ def _rendezvous_env(ctx: BuildContext) -> list[dict[str, Any]]:
     master = f"{rank_hostname(ctx.name, ctx.attempt, 0)}.{service_name(ctx.name)}.{ctx.namespace}.svc"
     index_path = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
     return [
-        {"name": "NNODES", "value": str(dist.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(dist.procs_per_node)},
-        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index_path}}},
-        {"name": "MASTER_ADDR", "value": master},
-        {"name": "MASTER_PORT", "value": str(ctx.settings.master_port)},
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": ENV_NNODES, "value": str(dist.nodes)},
+        {"name": ENV_NPROC_PER_NODE, "value": str(dist.procs_per_node)},
+        {"name": ENV_NODE_RANK, "valueFrom": {"fieldRef": {"fieldPath": index_path}}},
+        {"name": ENV_MASTER_ADDR, "value": master},
+        {"name": ENV_MASTER_PORT, "value": str(ctx.settings.master_port)},
+        {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
 
 
