@@ -39,8 +39,33 @@ def run_script(name: str, env: dict[str, str], timeout: float = 120) -> str:
     return result.stdout
 
 
-def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+class Started:
+    """A process writing to files (a long watch would fill a pipe and stall)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], folder: Path, label: str, started: list):
+        self.out, self.err = folder / f"{label}.out", folder / f"{label}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True, cwd=REPO)
+        started.append(self)
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        code = self.process.wait(timeout=timeout)
+        return code, self.out.read_text() + self.err.read_text()
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        return self.out.read_text()
+
+
+@pytest.fixture
+def started():
+    """Every process a test started, stopped when it ends, however it ends."""
+    processes: list[Started] = []
+    yield processes
+    for process in processes:
+        process.stop()
 
 
 def kubetune_argv(*args: str) -> list[str]:
@@ -66,12 +91,6 @@ def versions(objects: list[dict]) -> dict[str, dict]:
     return {o["metadata"]["resourceVersion"]: o for o in objects}
 
 
-def stop(process: subprocess.Popen) -> str:
-    process.terminate()
-    out, _ = process.communicate(timeout=30)
-    return out
-
-
 class SdkWatcher(threading.Thread):
     """The SDK's own watch on the run, recording every version it is told of until the run ends."""
 
@@ -90,7 +109,7 @@ class SdkWatcher(threading.Thread):
 
 
 def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
-        operator, cluster, kubectl, namespace, inputs, tmp_path, monkeypatch, wait_for):
+        operator, cluster, kubectl, namespace, inputs, tmp_path, monkeypatch, wait_for, started):
     kubeconfig = kubeconfig_for(cluster, kubectl, tmp_path, namespace, None)  # its context names the namespace
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     env = script_env(kubeconfig, MODEL=inputs.model, TRAIN_DATA_PATH=inputs.data("ift.jsonl"),
@@ -101,25 +120,26 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
     name = run_script("create_run.py", env).split()[-1]
     sdk_watch = SdkWatcher(namespace, name)
     sdk_watch.start()
-    kubectl_watch = start([str(cluster.kubectl_bin), f"--kubeconfig={kubeconfig}", "get", "trainingrun", name,
-                           "-w", "-o", "json"], env)
-    cli_watch = start(kubetune_argv("get", name, "-w", "-o", "json"), env)
-    tutorial = start([sys.executable, str(EXAMPLES / "follow_events.py")], {**env, "RUN_NAME": name})
-    cli_follow = start(kubetune_argv("events", name, "-f"), env)
+    kubectl_watch = Started([str(cluster.kubectl_bin), f"--kubeconfig={kubeconfig}", "get", "trainingrun", name,
+                             "-w", "-o", "json"], env, tmp_path, "kubectl-watch", started)
+    cli_watch = Started(kubetune_argv("get", name, "-w", "-o", "json"), env, tmp_path, "cli-watch", started)
+    tutorial = Started([sys.executable, str(EXAMPLES / "follow_events.py")], {**env, "RUN_NAME": name},
+                       tmp_path, "tutorial-follow", started)
+    cli_follow = Started(kubetune_argv("events", name, "-f"), env, tmp_path, "cli-follow", started)
 
-    followed, _ = tutorial.communicate(timeout=RUN_TIMEOUT)
-    assert tutorial.returncode == 0, followed
+    code, followed = tutorial.wait(RUN_TIMEOUT)
+    assert code == 0, followed
     for event in ("CREATED", "TRAIN_STARTED", "TRAIN_FINISHED", "REGISTERED", "COMPLETED"):
-        assert followed.count(f" {event} ") >= 1, followed
+        assert f" {event} " in followed, followed
     assert f"{name} ended COMPLETED" in followed
-    cli_out, cli_err = cli_follow.communicate(timeout=60)
-    assert cli_follow.returncode == 0, cli_out + cli_err
+    code, cli_out = cli_follow.wait(60)
+    assert code == 0, cli_out
     assert "tok/s" in cli_out and "loss" in cli_out and "ETA" in cli_out, cli_out  # the progress bar
-    assert cli_out.rstrip().splitlines()[-1].startswith(f"{name}: COMPLETED")
+    assert f"{name}: COMPLETED" in cli_out.splitlines()[-1], cli_out
 
     # 2. The same run, seen by the SDK, the CLI and kubectl: each version alike in all three.
     sdk_watch.join(timeout=60)
-    by_kubectl, by_cli = versions(documents(stop(kubectl_watch))), versions(documents(stop(cli_watch)))
+    by_kubectl, by_cli = versions(documents(kubectl_watch.stop())), versions(documents(cli_watch.stop()))
     # From the moment all three watched until the run ended, each saw every version, and alike.
     first = max(min(map(int, seen)) for seen in (by_kubectl, by_cli, sdk_watch.seen))
     final = max(map(int, sdk_watch.seen))
@@ -151,7 +171,7 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
     assert f"{latest}\n{second}" in continued  # the run took the checkpoint path as it was
     spec = kubectl.json("get", "trainingrun", second, "-n", namespace)["spec"]
     assert spec["customWeightsPath"] == latest
-    cli_second = start(kubetune_argv("events", second, "-f"), env)
+    cli_second = Started(kubetune_argv("events", second, "-f"), env, tmp_path, "cli-follow-second", started)
     wait_for(lambda: (kubectl.json("get", "trainingrun", second, "-n", namespace).get("status") or {})
              .get("progress", {}).get("percent", 0) > 0, RUN_TIMEOUT, f"{second} to train from the checkpoint")
 
@@ -159,8 +179,8 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
     cancelled = run_script("cancel_run.py", {**env, "RUN_NAME": second})
     assert f"Cancelled {second} successfully." in cancelled
     assert cancelled.split()[-1] in ("TERMINATING", "STOPPED")
-    out, err = cli_second.communicate(timeout=120)
-    assert cli_second.returncode == 1 and f"{second}: STOPPED" in out, out + err
+    code, out = cli_second.wait(120)
+    assert code == 1 and f"{second}: STOPPED" in out, out
     run = wait_phase(kubectl, namespace, second, {"Cancelled"}, 60, operator)
     assert "STOPPED" in [e["type"] for e in run["status"]["events"]]
 
