@@ -14,7 +14,7 @@ from kubetune import rbac
 
 from .tools import CHART, REPO, VALUE_SETS, go_tool, helm, kubeconform, render, run, values_args
 
-OPERATOR_KINDS = {"Deployment", "ServiceAccount", "ConfigMap", "Service", "ClusterRole",
+OPERATOR_KINDS = {"Deployment", "ServiceAccount", "ConfigMap", "Service", "ClusterRole", "PersistentVolumeClaim",
                   "ClusterRoleBinding", "Role", "RoleBinding", "CustomResourceDefinition", "Lease"}
 
 
