@@ -130,7 +130,8 @@ def _cel_rules(*rules: Cel) -> dict[str, Any]:
 
 
 def _pattern_check(pattern: str, expected: str) -> AfterValidator:
-    regex = re.compile(pattern)
+    # RE2's `$` is the end of the text; Python's also matches before a final newline.
+    regex = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
 
     def check(value: str) -> str:
         if regex.search(value) is None:
