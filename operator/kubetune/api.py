@@ -11,13 +11,14 @@ name the field (`spec.resources.nodes: ...`).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from kubetune_trainer.config import DEFAULT_MAX_CONTEXT, TaskType
 from pydantic import (
@@ -56,9 +57,11 @@ SINGULAR = "trainingrun"
 SHORT_NAME = "tr"
 OWNER_ANNOTATION = "kubetune.dev/owner"
 
-# Children are named after the run (`names`): with the bounds on attempts and nodes the longest,
-# a training pod's hostname, fits a DNS label when the run's name is at most MAX_RUN_NAME_LENGTH.
+# Children are named after the run; the longest name is a training pod's hostname
+# `<run>-train-<attempt>-<index>`, a DNS label of at most 63 characters. With backoffLimit <= 100
+# and nodes <= 1024 its suffix is at most len("-train-101-1023") = 15, leaving 48.
 RUN_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_RUN_NAME_LENGTH = 48
 RUN_NAME_RULE = (
     f"metadata.name must start with a letter, hold only a-z, 0-9 and '-', and be at most"
     f" {MAX_RUN_NAME_LENGTH} characters (kubetune names the run's Jobs and Services after it)"
@@ -172,7 +175,26 @@ Quantity = Annotated[
     Field(max_length=64, json_schema_extra={"pattern": _QUANTITY, "x-kubernetes-int-or-string": True}),
 ]
 DnsName = _patterned(_DNS_SUBDOMAIN, "a lowercase DNS name (a-z, 0-9, '-', '.')", 253)
-DataPath = _text(4096)
+
+
+_PATH_UP_RULE = "must not contain '..' segments (a path cannot climb out of its folder)"
+
+
+def _no_path_up(value: str) -> str:
+    if re.search(_PATH_UP, value):
+        raise ValueError(f"{_PATH_UP_RULE}, got {value!r}")
+    return value
+
+
+_NO_PATH_UP = Cel(f"!self.matches({_cel_string(_PATH_UP)})", _PATH_UP_RULE)
+
+
+# Paths the pods read: '..' would climb out of the folder the path names (another run's storage).
+DataPath = Annotated[
+    _text(4096),
+    AfterValidator(_no_path_up),
+    _NO_PATH_UP,
+]
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -186,6 +208,8 @@ DisplayFloat = Annotated[float | None, BeforeValidator(_finite_or_none)]
 
 
 class _Api(BaseModel):
+    # populate_by_name serves Python callers only (`TrainingRunSpec(train_data_path=...)`);
+    # documents are parsed by their camelCase names alone, as the API server does.
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
@@ -193,6 +217,15 @@ class _Api(BaseModel):
         alias_generator=to_camel,
         use_attribute_docstrings=True,
     )
+
+
+class _Spec(_Api):
+    # Strict as the CRD's schema: `"4"` is not an integer, `"true"` not a boolean. Enum fields
+    # opt out (strict enums want Python members; their values are what YAML gives).
+    model_config = ConfigDict(strict=True)
+
+
+_ENUM = Field(strict=False)
 
 
 # --- Spec ---------------------------------------------------------------------------------
@@ -204,14 +237,14 @@ class PullPolicy(str, Enum):
     NEVER = "Never"
 
 
-class ComputeResources(_Api):
+class ComputeResources(_Spec):
     cpu: Quantity | None = None
     """CPU request and limit, e.g. `4` or `500m`."""
     memory: Quantity | None = None
     """Memory request and limit, e.g. `16Gi`."""
 
 
-class DataPrep(_Api):
+class DataPrep(_Spec):
     """How data preparation runs (replaces the managed service's data_prep_cluster_id)."""
 
     parallelism: int = Field(1, ge=1, le=256)
@@ -219,7 +252,7 @@ class DataPrep(_Api):
     resources: ComputeResources = Field(default_factory=ComputeResources)
 
 
-class Resources(_Api):
+class Resources(_Spec):
     """Compute for training: one pod per node, one process per GPU unless told otherwise."""
 
     model_config = ConfigDict(
@@ -232,7 +265,7 @@ class Resources(_Api):
         )
     )
 
-    nodes: int = Field(1, ge=1, le=MAX_NODES)
+    nodes: int = Field(1, ge=1, le=1024)
     """Training pods (nodes)."""
     gpus_per_node: int = Field(0, ge=0, le=64)
     """GPUs per pod; 0 trains on CPU (gloo)."""
@@ -262,13 +295,13 @@ class Resources(_Api):
         return self.nodes * self.processes()
 
 
-class Image(_Api):
+class Image(_Spec):
     trainer: _text(512) | None = None
     """Trainer image; default from the operator's configuration."""
-    pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    pull_policy: Annotated[PullPolicy, _ENUM] = PullPolicy.IF_NOT_PRESENT
 
 
-class PvcRef(_Api):
+class PvcRef(_Spec):
     claim_name: DnsName
     sub_path: Annotated[
         _text(1024),
@@ -283,7 +316,7 @@ class PvcRef(_Api):
         return self
 
 
-class Storage(_Api):
+class Storage(_Spec):
     """Where prepared data, checkpoints and the converted model go: a PVC or an object store."""
 
     model_config = ConfigDict(
@@ -300,21 +333,21 @@ class Storage(_Api):
         return self
 
 
-class MlflowSpec(_Api):
+class MlflowSpec(_Spec):
     tracking_uri: _text(2048) | None = None
     """MLflow tracking server; default from the operator's configuration."""
 
 
-class SecretRef(_Api):
+class SecretRef(_Spec):
     name: DnsName
 
 
-class SecretKeyRef(_Api):
+class SecretKeyRef(_Spec):
     name: DnsName
     key: _patterned(_SECRET_KEY, "a Secret key (letters, digits, '-', '_', '.')", 253)
 
 
-class Secrets(_Api):
+class Secrets(_Spec):
     """References to Secrets; their values are never copied into status, events or logs."""
 
     hf_token: SecretKeyRef | None = None
@@ -325,7 +358,7 @@ class Secrets(_Api):
     """Environment variables for the object store (AWS_ACCESS_KEY_ID, ...)."""
 
 
-class Toleration(_Api):
+class Toleration(_Spec):
     key: Annotated[str, Field(max_length=316)] | None = None
     operator: Literal["Exists", "Equal"] | None = None
     value: Annotated[str, Field(max_length=63)] | None = None
@@ -333,7 +366,7 @@ class Toleration(_Api):
     toleration_seconds: int | None = None
 
 
-class Scheduling(_Api):
+class Scheduling(_Spec):
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=64)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     priority_class_name: DnsName | None = None
@@ -341,7 +374,11 @@ class Scheduling(_Api):
     """Kueue LocalQueue; the run is admitted (unsuspended) by Kueue."""
 
 
-ModelName = _text(1024)
+ModelName = Annotated[
+    _text(1024),
+    AfterValidator(_no_path_up),
+    _NO_PATH_UP,
+]
 RegisterTo = Annotated[
     str,
     _pattern_check(REGISTER_TO_PATTERN, "<catalog>.<schema> or <catalog>.<schema>.<name>"),
@@ -403,7 +440,7 @@ _WORLD_SIZE_CEL = (
 )
 
 
-class TrainingRunSpec(_Api):
+class TrainingRunSpec(_Spec):
     """What to fine-tune, on which data, where to register it, and the compute to do it with."""
 
     model_config = ConfigDict(
@@ -424,7 +461,7 @@ class TrainingRunSpec(_Api):
     """A .jsonl file, a folder, an object-store URI, a Delta table or a Hugging Face dataset org/name/split."""
     register_to: Annotated[RegisterTo, _immutable("registerTo")]
     """<catalog>.<schema>[.<name>]: the registered model name; without <name> the run's name is used."""
-    task_type: Annotated[TaskType, _immutable("taskType")] = TaskType.INSTRUCTION_FINETUNE
+    task_type: Annotated[TaskType, _ENUM, _immutable("taskType")] = TaskType.INSTRUCTION_FINETUNE
     eval_data_path: DataPath | None = None
     """Evaluated at every checkpoint; same formats as trainDataPath."""
     eval_prompts: list[EvalPrompt] = Field(default_factory=list, max_length=64)
@@ -453,7 +490,7 @@ class TrainingRunSpec(_Api):
     scheduling: Scheduling = Field(default_factory=Scheduling)
     suspend: bool = False
     """Stop the pods; training resumes from the latest checkpoint when lifted."""
-    backoff_limit: int = Field(3, ge=0, le=MAX_BACKOFF_LIMIT)
+    backoff_limit: int = Field(3, ge=0, le=100)
     """Restarts of all ranks (from the latest checkpoint) before the run fails."""
     active_deadline_seconds: int | None = Field(None, gt=0)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
@@ -578,6 +615,8 @@ class DataStats(_Status):
     samples: int = Field(0, ge=0)
     tokens: int = Field(0, ge=0)
     truncated_samples: int = Field(0, ge=0)
+    dropped_samples: int = Field(0, ge=0)
+    """Valid records left with no token to learn once truncated to the context length."""
     sequences: int = Field(0, ge=0)
     packing_efficiency: float = Field(0.0, ge=0, le=1)
 
@@ -613,8 +652,6 @@ class TrainingRunStatus(_Status):
     progress: Progress | None = None
     latest_checkpoint: str | None = None
     mlflow: MlflowInfo | None = None
-    dropped_samples: int = Field(0, ge=0)
-    """Valid records left with no token to learn once truncated to the context length."""
     registered_model: RegisteredModel | None = None
     data_stats: DataStats | None = None
     attempts: int = Field(0, ge=0)
@@ -632,7 +669,7 @@ class ObjectMeta(_Api):
     # Only what kubetune reads; the rest (managedFields, resourceVersion, ...) is not ours.
     model_config = ConfigDict(extra="ignore")
 
-    name: Annotated[str, Field(min_length=1, max_length=253)]
+    name: Annotated[str, Field(min_length=1)]  # TrainingRun._name_fits_children has the real limit
     namespace: str = "default"
     uid: str | None = None
     generation: int | None = None
@@ -653,7 +690,8 @@ class TrainingRun(_Api):
     def _name_fits_children(self) -> TrainingRun:
         name = self.metadata.name
         if len(name) > MAX_RUN_NAME_LENGTH or not re.match(RUN_NAME_PATTERN, name):
-            raise _field_error("metadata.name", f"{RUN_NAME_RULE.removeprefix('metadata.name ')}, got {name!r}")
+            shown = repr(name) if len(name) <= 60 else f"{name[:57]!r}... ({len(name)} characters)"
+            raise _field_error("metadata.name", f"{RUN_NAME_RULE.removeprefix('metadata.name ')}, got {shown}")
         return self
 
     @property
@@ -718,7 +756,7 @@ def _problem(detail: Any, prefix: tuple[str, ...]) -> Problem:
     ctx = detail.get("ctx") or {}
     if detail["type"] == _FIELD_ERROR:
         return Problem(_field_path([*loc, *ctx["field"].split(".")]), ctx["message"])
-    return Problem(_field_path(loc) or "(root)", _describe(detail))
+    return Problem(_field_path(loc) or "(root)", _describe(detail, loc))
 
 
 def _field_path(loc: Sequence[Any]) -> str:
@@ -733,12 +771,16 @@ def _field_path(loc: Sequence[Any]) -> str:
     return path
 
 
-def _describe(detail: Any) -> str:
+def _describe(detail: Any, loc: Sequence[Any]) -> str:
     kind, message, value = detail["type"], detail["msg"], detail.get("input")
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
-        return "unknown field (TrainingRun fields are camelCase; see `kubectl explain trainingrun.spec`)"
+        return _unknown_field(loc)
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if value is None:
+            return "required field is missing (or written with nothing after the colon)"
+        return f"must be a mapping of fields (key: value), got {_type_name(value)}"
     if kind == "value_error":
         return message.removeprefix("Value error, ")
     message = message[:1].lower() + message[1:]
@@ -746,6 +788,39 @@ def _describe(detail: Any) -> str:
         shown = repr(value)
         message += f", got {shown if len(shown) <= 80 else shown[:77] + '...'}"
     return message
+
+
+def _unknown_field(loc: Sequence[Any]) -> str:
+    """`unknown field`, with the field meant when the name is a misspelling or snake_case."""
+    known = _fields_at(loc[:-1])
+    name = str(loc[-1])
+    guess = to_camel(name) if to_camel(name) in known else next(iter(difflib.get_close_matches(name, known, n=1)), None)
+    hint = f"; did you mean {guess}?" if guess else ""
+    return f"unknown field{hint} (fields are camelCase; see `kubectl explain trainingrun.spec`)"
+
+
+def _fields_at(loc: Sequence[Any]) -> list[str]:
+    """The field names of the model at `loc` (a path of aliases from a TrainingRun)."""
+    model: Any = TrainingRun
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        model = _model_in(field.annotation) if field else None
+        if model is None:
+            return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+
+
+def _type_name(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list"}
+    return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
 
 
 def plain(value: Any) -> Any:
@@ -757,10 +832,19 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _without_nulls(value: Any) -> Any:
+    """What the API server stores: a `key: null` (YAML's `key:`) is pruned, so it means absent."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
 def parse_training_run(body: Mapping[str, Any]) -> TrainingRun:
     """A TrainingRun from its Kubernetes body; SpecError naming every bad field otherwise."""
     try:
-        return TrainingRun.model_validate(plain(body))
+        return TrainingRun.model_validate(_without_nulls(plain(body)), by_alias=True, by_name=False)
     except ValidationError as error:
         raise SpecError.from_validation_error(error) from None
 
@@ -768,6 +852,6 @@ def parse_training_run(body: Mapping[str, Any]) -> TrainingRun:
 def parse_spec(spec: Mapping[str, Any]) -> TrainingRunSpec:
     """Just the spec (the SDK builds one before the resource exists); errors say `spec.<field>`."""
     try:
-        return TrainingRunSpec.model_validate(plain(spec))
+        return TrainingRunSpec.model_validate(_without_nulls(plain(spec)), by_alias=True, by_name=False)
     except ValidationError as error:
         raise SpecError.from_validation_error(error, prefix=("spec",)) from None

@@ -17,6 +17,9 @@ import yaml
 from .api import KIND, SpecError, parse_training_run
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 1
+# A run file is a Kubernetes object: the API server stores at most ~1.5 MiB per object, so a
+# larger file is a mistake (a data file passed by accident), refused before it is read.
+MAX_RUN_FILE_BYTES = 1024 * 1024
 
 
 class CliError(Exception):
@@ -28,10 +31,7 @@ class CliError(Exception):
 
 
 def load_document(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise CliError(f"{path}: cannot read: {error.strerror or error}") from error
+    text = read_run_file(path)
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as error:
@@ -40,8 +40,33 @@ def load_document(path: str) -> dict[str, Any]:
         raise CliError(f"{path}{where}: not valid YAML: {getattr(error, 'problem', error)}") from error
     runs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
     if len(runs) != 1:
-        raise CliError(f"{path}: expected exactly one {KIND} document, found {len(runs)}")
+        raise CliError(f"{path}: expected exactly one {KIND} document (apiVersion: kubetune.dev/v1alpha1,"
+                       f" kind: {KIND}), found {len(runs)}: {describe_documents(documents)}")
     return runs[0]
+
+
+def read_run_file(path: str) -> str:
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_RUN_FILE_BYTES:
+            raise CliError(f"{path}: {size} bytes, larger than a TrainingRun can be"
+                           f" ({MAX_RUN_FILE_BYTES} bytes); is it the run's YAML file?")
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise CliError(f"{path}: cannot read: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise CliError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x});"
+                       " a TrainingRun is a YAML file") from error
+
+
+def describe_documents(documents: list[Any]) -> str:
+    """What a file holds instead of one TrainingRun, e.g. `2 documents: kind Secret, a list`."""
+    if not documents:
+        return "the file is empty"
+    kinds = [f"kind {d.get('kind')}" if isinstance(d, dict) and d.get("kind") else
+             "a mapping without `kind`" if isinstance(d, dict) else f"a {type(d).__name__}"
+             for d in documents]
+    return f"{len(documents)} document{'s' if len(documents) > 1 else ''}: {', '.join(kinds)}"
 
 
 def parse_or_explain(body: dict[str, Any], path: str):
@@ -51,17 +76,26 @@ def parse_or_explain(body: dict[str, Any], path: str):
         raise CliError(f"{path}: invalid {KIND}:\n{error}") from error
 
 
+def local_run_body(document: dict[str, Any], path: str, workdir: Path):
+    """(body, run) to run here. The spec is judged as written first, as the API server would judge
+    it, so a file that passes here passes there; then with its local paths made absolute."""
+    from .local import local_body
+
+    body = local_body(document, Path.cwd(), workdir)
+    parse_or_explain({**body, "spec": document.get("spec")}, path)
+    return body, parse_or_explain(body, path)
+
+
 # --- run --local -------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         raise CliError("`kubetune run` needs --local (use `kubectl apply -f` for a cluster)")
-    from .local import LocalRun, local_body, local_settings
+    from .local import LocalRun, local_settings
 
     document = load_document(args.file)
     workdir = Path(args.workdir or ".kubetune")
-    body = local_body(document, Path.cwd(), workdir)
-    parse_or_explain(body, args.file)
+    body, _ = local_run_body(document, args.file, workdir)
     run = LocalRun(body, workdir, local_settings(workdir))
     print(f"kubetune: running {body['metadata']['name']} locally in {run.workdir}")
     phase = run.run()
@@ -79,23 +113,31 @@ def report_outcome(body: dict[str, Any], phase: str, run) -> int:
         return EXIT_FAILED
     model = status.get("registeredModel") or {}
     config = run.config()
+    tracking_uri = run.settings.mlflow_tracking_uri
     print(f"registered model: {model.get('name')} version {model.get('version')}")
+    print(f"model URI:        models:/{model.get('name')}/{model.get('version')}")
     print(f"model folder:     {config.hf_dir if config else model.get('artifactUri')}")
-    print(f"artifact URI:     {model.get('artifactUri')}")
-    print(f"MLflow store:     {run.settings.mlflow_tracking_uri}")
+    print(f"MLflow store:     {tracking_uri}")
+    print(f"MLflow UI:        {mlflow_ui_hint(tracking_uri)}")
     return EXIT_OK
+
+
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """How to look at the run: a server's address as is, an embedded store through `mlflow ui`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    return f"mlflow ui --backend-store-uri {tracking_uri}  (then open http://127.0.0.1:5000)"
 
 
 # --- validate ----------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .local import local_body, local_settings
+    from .local import local_settings
     from .resolve import resolve_config
 
     document = load_document(args.file)
     with tempfile.TemporaryDirectory() as scratch:
-        body = local_body(document, Path.cwd(), Path(scratch))
-        run = parse_or_explain(body, args.file)
+        _, run = local_run_body(document, args.file, Path(scratch))
         print(f"{args.file}: spec valid")
         try:
             from kubetune_trainer.data import analyze
@@ -109,10 +151,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def report_data(analyze, config, path: str) -> int:
     from kubetune_trainer.errors import StepError
 
+    from kubetune_trainer.errors import user_error_of
+
     try:
         report = analyze(config)
     except StepError as error:
         raise CliError(f"{path}: {error.reason}: {error.message}") from error
+    except Exception as error:
+        known = user_error_of(error)
+        if known is None:
+            raise
+        raise CliError(f"{path}: {known.reason}: {known.message}") from error
     print(f"data valid: {config.train_data_path}")
     print_stats(report.stats, report.context_length)
     print(f"  {'batches per epoch (batch ' + str(config.global_batch_size) + ')':<34} "
@@ -126,6 +175,7 @@ def report_data(analyze, config, path: str) -> int:
 def print_stats(stats, context_length: int) -> None:
     for label, value in [("samples", stats.samples), ("tokens", stats.tokens),
                          (f"truncated at {context_length}", stats.truncated_samples),
+                         ("dropped (no token left to learn)", stats.dropped_samples),
                          ("packed sequences", stats.sequences),
                          ("packing efficiency", f"{stats.packing_efficiency:.1%}")]:
         print(f"  {label:<34} {value}")
@@ -134,9 +184,15 @@ def print_stats(stats, context_length: int) -> None:
 # --- operator ----------------------------------------------------------------------------------
 
 def cmd_operator(_: argparse.Namespace) -> int:
+    from kubernetes.config import ConfigException
+
     from .k8s.main import run_operator
 
-    return run_operator()
+    try:
+        return run_operator()
+    except ConfigException as error:
+        raise CliError("operator: no Kubernetes API to talk to: not in a pod with a ServiceAccount and"
+                       f" no usable kubeconfig ({error}); set KUBECONFIG or run it in the cluster") from error
 
 
 def parser() -> argparse.ArgumentParser:
@@ -175,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
               "  (run again with KUBETUNE_DEBUG=1 for the traceback)", file=sys.stderr)
         return EXIT_FAILED
 
-                         ("dropped (no token left to learn)", stats.dropped_samples),
 
 if __name__ == "__main__":
     # As `python -m kubetune.cli`, this file is `__main__`; the command modules import

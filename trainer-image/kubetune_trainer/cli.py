@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from .config import RunConfig, load_config
-from .errors import StepError, UserError
+from .errors import StepError, UserError, user_error_of
 from .results import EXIT_OK, EXIT_RETRYABLE, exit_code, failure, write_result
 from .storage import staged
 
@@ -59,6 +59,8 @@ def run_step(step: str, config_path: str) -> int:
     except KeyboardInterrupt:
         return report(step, StepError("interrupted", "Interrupted"))
     except Exception as error:  # an unexpected bug: one line for the status, traceback to the log
+        if known := user_error_of(error):
+            return report(step, known)
         log.exception("step %s failed", step)
         return report(step, StepError(f"{type(error).__name__}: {first_line(error)}", "InternalError"))
     if is_rank_zero():

@@ -34,3 +34,19 @@ class TransientError(StepError):
     """Network, storage or tracking-server trouble: the step may succeed when retried."""
 
     reason = "TransientError"
+
+
+def user_error_of(error: BaseException) -> UserError | None:
+    """A library's exception that is the user's to fix, as a UserError saying how; else None."""
+    try:
+        from botocore.exceptions import NoCredentialsError
+    except ImportError:  # no object-store support installed: nothing of it can have failed
+        return None
+    if isinstance(error, NoCredentialsError):
+        return UserError(
+            "no object-store credentials for an s3:// path: name a Secret holding AWS_ACCESS_KEY_ID and"
+            " AWS_SECRET_ACCESS_KEY in spec.secrets.objectStore (locally: export them)",
+            "MissingCredentials",
+        )
+    return None
+
