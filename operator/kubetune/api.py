@@ -696,8 +696,12 @@ class TrainingRun(_Api):
 
     @property
     def owner(self) -> str:
-        """Whose run this is (MLflow experiment folder): the owner annotation, else the namespace."""
-        return self.metadata.annotations.get(OWNER_ANNOTATION) or self.metadata.namespace
+        return self.owner_by(OWNER_ANNOTATION)
+
+    def owner_by(self, annotation: str) -> str:
+        """Whose run this is (MLflow experiment folder): the owner annotation (its key is an
+        operator setting), else the namespace."""
+        return self.metadata.annotations.get(annotation) or self.metadata.namespace
 
     def register_name(self) -> str:
         return self.spec.resolved_register_name(self.metadata.name)

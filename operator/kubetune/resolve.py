@@ -45,11 +45,6 @@ def storage_claim(run: TrainingRun, settings: OperatorSettings) -> tuple[str, st
     return (settings.storage_claim_name, None) if settings.storage_claim_name else None
 
 
-def owner(run: TrainingRun, settings: OperatorSettings) -> str:
-    """The owner annotation (its key is configurable), else the namespace."""
-    return run.metadata.annotations.get(settings.owner_annotation) or run.metadata.namespace
-
-
 def backoff_limit(run: TrainingRun, settings: OperatorSettings) -> int:
     """Restarts of all ranks allowed: the spec's when written there, else the operator's default."""
     if "backoff_limit" in run.spec.model_fields_set:
@@ -66,7 +61,7 @@ def distributed(run: TrainingRun) -> Distributed:
 
 def resolve_config(run: TrainingRun, settings: OperatorSettings) -> RunConfig:
     spec, meta = run.spec, run.metadata
-    run_owner = owner(run, settings)
+    run_owner = run.owner_by(settings.owner_annotation)
     return RunConfig(
         run_name=meta.name,
         run_uid=meta.uid or "",

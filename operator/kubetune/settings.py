@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import MAX_EVENTS
+from .api import MAX_EVENTS, OWNER_ANNOTATION
 from .names import MAX_BACKOFF_LIMIT
 
 ENV_PREFIX = "KUBETUNE_"
@@ -60,7 +60,7 @@ class OperatorSettings(BaseModel):
     prep_backoff_limit: int = Field(default=2, ge=0)  # pod retries inside the data-prep Job
     events_cap: int = Field(default=MAX_EVENTS, ge=1, le=MAX_EVENTS)  # the CRD's maxItems
     progress_interval_seconds: float = Field(default=30.0, gt=0)
-    owner_annotation: str = "kubetune.dev/owner"
+    owner_annotation: str = OWNER_ANNOTATION
     cancel_annotation: str = "kubetune.dev/cancel"
 
     @classmethod
