@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from kubetune.rbac import build_rbac
+from tests.support.ports import free_port
 
 from tests.cluster.kubelet_cluster import STORAGE_CLASS
 from tests.support.mlflow_server import running_mlflow_server
@@ -48,12 +48,6 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     operator = getattr(item, "funcargs", {}).get("operator")
     if report.when == "call" and report.failed and isinstance(operator, OperatorProcess):
         report.sections.append(("kubetune operator log", operator.log_tail()))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def apply(kubectl, objects) -> None:

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from tests.cluster import pki
+from tests.support.ports import free_port
 
 from .conftest import apply, trainingrun, wait_phase
 from .site import REPO, Inputs
@@ -37,12 +38,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 KUEUE_MODULE = "sigs.k8s.io/kueue@v0.19.2"
 CLUSTER_QUEUE, LOCAL_QUEUE, FLAVOR = "kt-cluster-queue", "team-queue", "kt-default"
 RUN_TIMEOUT = 420
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def kueue_source() -> Path:

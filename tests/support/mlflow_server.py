@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from tests.support.ports import free_port
 
 STARTUP_DEADLINE_S = 90.0  # first start migrates the sqlite schema; slow on a busy 2-core box
 STOP_DEADLINE_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def server_command(root: Path, port: int, python: str = sys.executable,

@@ -9,7 +9,6 @@ the run's `secrets.objectStore` Secret.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from tests.support.ports import free_port
 
 
 BUCKET = "kubetune-test"
@@ -49,12 +49,6 @@ class S3Store:
         fs, base = self.filesystem(), f"{self.bucket}/{prefix.strip('/')}"
         fs.invalidate_cache()
         return sorted(path[len(base) + 1:] for path in fs.find(base))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(endpoint: str, process: subprocess.Popen, log: Path, deadline_s: float = 60) -> None:
@@ -98,6 +92,5 @@ def s3_env(s3_store, monkeypatch) -> S3Store:
     for key, value in s3_store.env.items():
         monkeypatch.setenv(key, value)
     return s3_store
-
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from kubetune_trainer.config import RunConfig
 from kubetune_trainer.data.store import IGNORE_INDEX, PackedArrays, write_split
+from tests.support.ports import free_port
 
 CONTEXT = 32
 EXPERIMENT = "/Users/test/tiny"
@@ -54,12 +54,6 @@ def random_rows(count: int, seed: int, vocab: int = 300) -> list[dict[str, np.nd
         second = int(rng.integers(6, CONTEXT - first - 2))
         rows.append(pack([list(rng.integers(10, vocab, first)), list(rng.integers(10, vocab, second))]))
     return rows
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

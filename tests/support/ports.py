@@ -1,0 +1,9 @@
+"""A free TCP port on the loopback, for the servers the tests start (one helper for all)."""
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
