@@ -365,3 +365,14 @@ def test_settings_from_env() -> None:
     assert OperatorSettings.from_env({}).trainer_image.startswith("ghcr.io/kubetune/trainer:")
     with pytest.raises(ValueError):
         OperatorSettings.from_env({"KUBETUNE_METRICS_PORT": "0"})
+
+
+def test_every_name_of_a_valid_run_fits_whatever_its_attempts_and_nodes() -> None:
+    """The API's limit on run names is derived from the children's names at the API's bounds."""
+    from kubetune.names import MAX_BACKOFF_LIMIT, MAX_NODES, MAX_RUN_NAME_LENGTH
+
+    longest = "x" * MAX_RUN_NAME_LENGTH
+    assert m.name_problem(longest, max_attempt=MAX_BACKOFF_LIMIT + 1, nodes=MAX_NODES) is None
+    assert m.name_problem(longest + "x", max_attempt=MAX_BACKOFF_LIMIT + 1, nodes=MAX_NODES)
+    with pytest.raises(ValueError, match="default_backoff_limit"):  # the operator's default too
+        OperatorSettings(default_backoff_limit=MAX_BACKOFF_LIMIT + 1)
