@@ -69,9 +69,12 @@ class LeaseElector:
     """Acquire, then keep renewing; `lost` is set the moment leadership cannot be confirmed."""
 
     def __init__(self, coordination_api, namespace: str, name: str, identity: str,
-                 duration_s: int = 15, retry_s: float = 2.0):
+                 duration_s: int = 15, retry_s: float = 2.0, create: bool = True):
         self.api, self.namespace, self.name, self.me = coordination_api, namespace, name, identity
         self.duration_s, self.retry_s = duration_s, retry_s
+        # False when the Lease is the installer's (the Helm chart's): a standby must not re-make it
+        # while `helm uninstall` takes everything away.
+        self.create = create
         self.lost = threading.Event()
 
     def try_acquire(self, create: bool = True) -> bool:
@@ -104,7 +107,7 @@ class LeaseElector:
 
     def acquire(self, stop: threading.Event) -> bool:
         while not stop.is_set():
-            if self.try_acquire():
+            if self.try_acquire(create=self.create):
                 log.info("leader election: %s holds lease %s/%s", self.me, self.namespace, self.name)
                 return True
             stop.wait(self.retry_s)

@@ -91,3 +91,13 @@ def test_a_renewal_never_remakes_a_deleted_lease():
     api.lease = None  # deleted
     assert not elector.try_acquire(create=False) and api.lease is None
     assert elector.try_acquire() and api.lease.spec.holder_identity == "first"  # a fresh start may
+
+
+def test_a_replica_waits_for_an_installer_made_lease_rather_than_make_one():
+    from kubetune.leader import LeaseElector
+
+    from .test_leader import MemoryLeases
+
+    api = MemoryLeases()
+    standby = LeaseElector(api, "ops", "kubetune", "second", create=False)
+    assert not standby.try_acquire(create=standby.create) and api.lease is None

@@ -38,6 +38,7 @@ class RuntimeOptions:
     leader_election: bool = True
     lease_namespace: str = "default"
     lease_name: str = "kubetune-operator"
+    lease_create: bool = True  # false: the installer made the Lease (the chart does)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> RuntimeOptions:
@@ -52,6 +53,7 @@ class RuntimeOptions:
             leader_election=env.get("KUBETUNE_LEADER_ELECTION", "true").lower() != "false",
             lease_namespace=env.get("POD_NAMESPACE") or env.get("KUBETUNE_LEASE_NAMESPACE", "default"),
             lease_name=env.get("KUBETUNE_LEASE_NAME") or "kubetune-operator",
+            lease_create=env.get("KUBETUNE_LEASE_CREATE", "true").lower() != "false",
         )
 
 
@@ -93,7 +95,8 @@ def elect(options: RuntimeOptions, stop: threading.Event):
     from ..leader import LeaseElector
 
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    elector = LeaseElector(client.CoordinationV1Api(), options.lease_namespace, options.lease_name, identity)
+    elector = LeaseElector(client.CoordinationV1Api(), options.lease_namespace, options.lease_name, identity,
+                           create=options.lease_create)
     if not elector.acquire(stop):
         return None
     threading.Thread(target=elector.keep_renewing, args=(stop,), daemon=True).start()
