@@ -235,6 +235,9 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         crd = kubectl.json("get", "crd", "trainingruns.kubetune.dev")
         if not crd_was_there:  # installed from the chart's crds/, with what Argo CD needs
             assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-options"] == "ServerSideApply=true"
+        else:  # the session's CRD came first: the chart's copy must still be what the API takes
+            kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts",
+                    "-f", str(CHART / "crds" / "trainingruns.kubetune.dev.yaml"))
         first = wait_for(lambda: running(operator_pods(kubectl, operator_ns)), 60, "the operator pod")
         assert wait_for(lambda: leaders(first, metrics_port), 60, "the operator to lead") == \
             [first[0]["metadata"]["name"]]
