@@ -151,6 +151,7 @@ def test_create_arguments_become_a_spec_the_api_accepts():
     ({"training_duration": "10 minutes"}, ["training_duration (spec.trainingDuration)"]),
     ({"task_type": "SUMMARIZE"}, ["task_type (spec.taskType)"]),
     ({"learning_rate": -1.0}, ["learning_rate (spec.learningRate)"]),
+    ({"learning_rate": "5e-7"}, ["learning_rate (spec.learningRate)", "valid number"]),
     ({"custom_weights_path": "/ckpt/model.safetensors"}, ["custom_weights_path", "Composer checkpoint"]),
     ({"extra_spec": {"resources": {"nodes": 0}}}, ["spec.resources.nodes"]),
     ({"extra_spec": {"nonsense": 1}}, ["spec.nonsense", "unknown field"]),
@@ -161,6 +162,13 @@ def test_bad_arguments_raise_invalid_arguments_naming_the_argument(changes, word
         build(**changes)
     assert all(word in str(raised.value) for word in words), str(raised.value)
     assert isinstance(raised.value, ValueError)
+
+
+def test_values_are_sent_as_the_api_parsed_them():
+    body = build(learning_rate=5e-7, context_length=128, task_type="CHAT_COMPLETION",
+                 train_data_path="/data/chat.jsonl", extra_spec={"resources": {"cpu": 4}})
+    assert body["spec"]["learningRate"] == 5e-7 and body["spec"]["contextLength"] == 128
+    assert body["spec"]["taskType"] == "CHAT_COMPLETION" and body["spec"]["resources"] == {"cpu": "4"}
 
 
 def test_a_bad_name_is_refused_with_the_rule():

@@ -70,9 +70,11 @@ def build_resource(arguments: Mapping[str, Any], *, name: str, namespace: str, o
     resource = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata,
                 "spec": spec_from_arguments(arguments, extra_spec)}
     try:
-        parse_training_run(resource)
+        run = parse_training_run(resource)
     except SpecError as error:
         raise InvalidArgumentsError(explain(error)) from None
+    # What was given, as the API parsed it (`cpu: 4` becomes the quantity "4", enums their values).
+    resource["spec"] = run.spec.model_dump(mode="json", by_alias=True, exclude_unset=True)
     return resource
 
 
