@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import models_catalog
+from .checkpoints import checkpoints_of
 from .errors import InvalidArgumentsError
 from .follow import display_for_environment, follow
 from .query import Filters, select
@@ -169,7 +170,7 @@ def cancel(
 
 def delete(runs: RunRef | builtins.list[str] | builtins.list[TrainingRun], *,
            namespace: str | None = None) -> int:
-    """Delete runs (by name or object): a running one is stopped first, its children go with it.
+    """Delete runs (by name or object), with the Jobs and pods they made; a running one stops.
     Returns how many were deleted; RunNotFoundError names a run that does not exist. (The
     service's SDK 1.0.0 had this function; 1.1.8 dropped it.)"""
     if not runs:
@@ -210,9 +211,7 @@ def get_checkpoints(training_run: RunRef, *, namespace: str | None = None) -> bu
     takes as they are (on the run's storage: its volume's path as pods see it, or an object-store URI).
 
     kubetune reads them from the run's status (each CHECKPOINT_SAVED event and `latestCheckpoint`),
-    not from MLflow artifacts; with only a name, the run is fetched first."""
-    from .checkpoints import checkpoints_of
-
+    not from MLflow artifacts; the run is fetched afresh, so an old run object sees new checkpoints."""
     run = get(training_run, namespace=namespace)
     paths = checkpoints_of(run.resource)
     if not paths:
