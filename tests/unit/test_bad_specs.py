@@ -201,3 +201,40 @@ def test_random_run_files_give_a_clear_line_not_a_traceback(data, tmp_path_facto
         cli.parse_or_explain(cli.load_document(str(path)), str(path))
     except cli.CliError as error:
         assert str(error).startswith(str(path)) and "Traceback" not in str(error)
+
+
+# --- What only a look at the inputs can tell: the pre-flight of `kubetune validate` ------------
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups here
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({"model": "/nonexistent/model"}, "ModelNotFound: model /nonexistent/model: no such folder"),
+    ({"contextLength": 100000}, "contextLength 100000 exceeds the model's maximum context of 512 tokens"),
+    ({"trainDataPath": "s3://kubetune-nowhere/train.jsonl"},
+     "MissingCredentials: no object-store credentials for an s3:// path: name a Secret"),
+])
+def test_the_preflight_refuses_inputs_the_schema_cannot_judge(
+        extra, words, tiny_model_dir, no_aws_credentials, tmp_path, capsys) -> None:
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    spec = BASE | {"model": str(tiny_model_dir), "trainDataPath": str(tmp_path / "x.jsonl")} | extra
+    assert cli.main(["validate", write(tmp_path, document({"spec": spec}))]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "internal error" not in err
+
+
+def test_a_pod_without_object_store_credentials_fails_for_good(no_aws_credentials) -> None:
+    from botocore.exceptions import NoCredentialsError
+    from kubetune_trainer.errors import user_error_of
+
+    error = user_error_of(NoCredentialsError())
+    assert error is not None and error.permanent and error.reason == "MissingCredentials"
+    assert "spec.secrets.objectStore" in error.message
+    assert user_error_of(RuntimeError("a bug")) is None
