@@ -41,8 +41,10 @@ import yaml
 from kubernetes import client, config
 
 from . import binaries
-from .controlplane import ControlPlane
+from .controlplane import ControlPlane, ControlPlaneError
+from .images import ImageError
 from .kubelet_cluster import KubeletCluster
+from .node import NodeError
 from .node_agent import NodeAgent
 
 ENV_KUBECONFIG, ENV_CONTEXTS = "KUBETUNE_E2E_KUBECONFIG", "KUBETUNE_E2E_CONTEXTS"
@@ -150,7 +152,11 @@ def start_local_cluster(workdir: Path) -> Cluster:
 
 def start_kubelet_cluster(workdir: Path, tools: Path) -> Cluster:
     started = time.monotonic()   # includes image and node builds when not cached
-    kubelets = KubeletCluster(workdir, NODES).start()
+    try:
+        kubelets = KubeletCluster(workdir, NODES).start()
+    except (NodeError, ImageError, ControlPlaneError, binaries.BinariesError) as e:
+        # No fallback to the node agent: say what is missing, once, without a traceback.
+        pytest.fail(f"real nodes did not start: {e}", pytrace=False)
     return Cluster(kubelets.kubeconfig, "kubetune-local", tools / "kubectl", tools / "helm",
                    kubelets.control_plane, startup_seconds=time.monotonic() - started, kubelets=kubelets)
 

@@ -19,11 +19,13 @@ kubelet root dir and cgroup root, so kubelets never see each other's containers.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import ssl
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,17 +206,17 @@ class Nodes:
     nodes: list[Node] = field(default_factory=list)
     scheduler: Component | None = None
     proxy: Component | None = None
+    seed: Path | None = None
 
     def start(self, timeout: float = 120.0) -> "Nodes":
         try:
+            self.seed = containerd_seed(self.image_tags)
             self._start_scheduler(timeout)
             for i in range(self.count):
                 node = self._new_node(i)
                 self.nodes.append(node)
+                clone_root(self.seed, node.dir / "containerd" / "root")
                 self._start_containerd(node, timeout)
-                for tag in self.image_tags.values():
-                    images.load(tag, node.socket)
-                images.load(self.image_tags["pause"], node.socket, PAUSE_ALIAS)
             for node in self.nodes:
                 self._start_kubelet(node, timeout)
             for node in self.nodes:
@@ -390,6 +392,53 @@ class Nodes:
             subprocess.run(["umount", "-l", point], capture_output=True)
 
 
+# -- images: one containerd root holding them, cloned by hard links into every node ----------------
+
+def containerd_seed(tags: dict[str, str], timeout: float = 60.0) -> Path:
+    """A containerd root with `tags` imported (and pause as PAUSE_ALIAS), built once per set of
+    tags under ~/.cache/kubetune: the trainer image is ~6 GB, and importing it into every node's
+    own containerd at every start would cost minutes and twice the disk."""
+    key = hashlib.sha256(json.dumps(sorted(tags.values())).encode()).hexdigest()[:12]
+    seed = binaries.cache_root() / f"containerd-seed-{key}"
+    if (seed / "complete").exists():
+        return seed / "root"
+    for old in binaries.cache_root().glob("containerd-seed-*"):   # the disk is precious
+        shutil.rmtree(old, ignore_errors=True)
+    state = Path(tempfile.mkdtemp(prefix="kt-seed-"))
+    socket = state / "c.sock"
+    config = state / "config.toml"
+    config.write_text(f'version = 2\nroot = "{seed / "root"}"\nstate = "{state / "state"}"\n'
+                      f'[grpc]\n  address = "{socket}"\n')
+    proc = subprocess.Popen(["containerd", f"--config={config}", "--log-level=warn"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["ctr", f"--address={socket}", "version"], capture_output=True).returncode:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise NodeError(f"containerd for the image seed did not start ({seed})")
+            time.sleep(0.2)
+        for tag in tags.values():
+            images.load(tag, socket)
+        images.load(tags["pause"], socket, PAUSE_ALIAS)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
+    (seed / "complete").write_text(json.dumps(tags))
+    return seed / "root"
+
+
+def clone_root(seed: Path, root: Path) -> None:
+    """Hard-link copy of a containerd root: blobs and committed layers are immutable, so they can
+    be shared; the bolt databases are written to, so each node gets copies of its own."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    sh("cp", "-al", str(seed), str(root))
+    for db in root.rglob("*.db"):
+        data = db.read_bytes()
+        db.unlink()
+        db.write_bytes(data)
+
+
 def https_ok(url: str) -> bool:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -425,6 +474,8 @@ def kubelet_config(node: Node, ca: Path, healthz_port: int, port: int) -> dict:
         "syncFrequency": "10s", "fileCheckFrequency": "10s",
         "nodeStatusUpdateFrequency": "5s", "shutdownGracePeriod": "0s",
         "resolvConf": "/etc/resolv.conf", "localStorageCapacityIsolation": True,
+        # Not /var/log/pods: a kubelet deletes the log folders of pods it does not know.
+        "podLogsDir": str(node.dir / "pod-logs"),
         "protectKernelDefaults": False, "makeIPTablesUtilChains": False,
     }
 
