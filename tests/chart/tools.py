@@ -4,7 +4,7 @@ schemas (tools/k8s_schemas.py). `render` is `helm template` of the chart with a 
 
 from __future__ import annotations
 
-import os
+import copy
 import shutil
 import subprocess
 import sys
@@ -61,9 +61,15 @@ def values_args(value_set: str) -> list[str]:
     return [] if value_set == "default" else ["-f", str(VALUES / f"{value_set}.yaml")]
 
 
-def render(value_set: str = "default", *extra: str, namespace: str = "kubetune-system") -> list[dict]:
-    proc = run([helm(), "template", "kt", CHART, "-n", namespace, "--include-crds",
-                *values_args(value_set), *extra], env={**os.environ, "HELM_CACHE_HOME": "/tmp/helm-cache"})
+def render(value_set: str = "default", *extra: str) -> list[dict]:
+    """`helm template` of the chart (CRDs included), as objects; each value set is rendered once."""
+    return copy.deepcopy(_render(value_set, *extra))
+
+
+@cache
+def _render(value_set: str, *extra: str) -> list[dict]:
+    proc = run([helm(), "template", "kt", CHART, "-n", "kubetune-system", "--include-crds",
+                *values_args(value_set), *extra])
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
