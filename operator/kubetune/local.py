@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.config import RunConfig
 from kubetune_trainer.contract import (
     ENV_MASTER_ADDR,
     ENV_MLFLOW_TRACKING_URI,
@@ -36,7 +37,7 @@ from kubetune_trainer.contract import (
 from .api import TERMINAL, Phase
 from .kubelet import command_line, exit_code_of, resolve_env, tail_bytes, termination_message
 from .manifests import COMPLETION_INDEX_ANNOTATION, JOB_NAME_LABEL, LABEL_RUN
-from .reconcile import ChildRef, PlannedEvent
+from .reconcile import ChildRef, PlannedEvent, observe
 from .settings import OperatorSettings
 from .tick import Children, ProgressReader, reconcile
 from .timestamps import now_iso
@@ -265,10 +266,10 @@ class LocalCluster:
             job_object, job_pods = job.api_objects(self.permanent_exit)
             jobs.append(job_object)
             pods.extend(job_pods)
-        return {"jobs": jobs, "pods": pods, "config_maps": self._config_maps(run),
+        return {"jobs": jobs, "pods": pods, "config_maps": self.config_maps(run),
                 "services": list(self.services.values())}
 
-    def _config_maps(self, run: str) -> list[dict[str, Any]]:
+    def config_maps(self, run: str) -> list[dict[str, Any]]:
         """The config volume's folder is the ConfigMap: it outlives this process, so a run
         started again keeps the snapshot it began with."""
         files = {f.name: f.read_text() for f in sorted(self.config_dir.glob("*")) if f.is_file()}
@@ -335,6 +336,15 @@ class LocalRun:
     def phase(self) -> str:
         return (self.body.get("status") or {}).get("phase") or Phase.PENDING.value
 
+    @property
+    def folder(self) -> Path:
+        """Where the run's logs, results and status file are."""
+        return self.cluster.folder
+
+    def config(self) -> RunConfig | None:
+        """The run's resolved config, as its snapshot holds it (None before it exists)."""
+        return observe(config_maps=self.cluster.config_maps(self.body["metadata"]["name"])).config
+
     def step(self):
         self.cluster.supervise()
         meta = self.body["metadata"]
@@ -346,7 +356,8 @@ class LocalRun:
 
     def show_progress(self) -> None:
         progress = (self.body.get("status") or {}).get("progress") or {}
-        if not progress or self.phase != Phase.TRAINING.value:
+        # Registering too: the run's last progress (100%) lands as training ends.
+        if not progress or self.phase not in (Phase.TRAINING.value, Phase.REGISTERING.value):
             return
         line = progress_line(progress)
         if line != self.last_progress:
