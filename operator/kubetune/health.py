@@ -1,8 +1,9 @@
 """The operator's `/healthz` (liveness) and `/readyz` (readiness), served beside `/metrics`.
 
-- `/readyz` is 200 only while this replica acts: it holds the Lease (or runs without election)
-  and kopf has started. A standby replica is alive but not ready, so the metrics Service and
-  Prometheus reach the one replica whose numbers mean something.
+- `/readyz` is 200 once the replica can do its part: a standby has read the Lease through the
+  API server (so it can take over), the leader has started kopf. Standbys are Ready so that
+  `kubectl rollout status` and `helm --wait` finish with `replicas > 1`; which replica acts is
+  the `kubetune_operator_leader` gauge.
 - `/healthz` is 200 unless the replica is stuck: the acting replica's event loop must have beaten
   within `stale_s`, and a replica that lost its Lease reports unhealthy (it is about to exit). A
   standby waiting for the Lease is healthy: restarting it would change nothing.
@@ -32,6 +33,7 @@ class Health:
                 setattr(self, key, value)
 
     def standby(self) -> None:
+        """Waiting for the Lease, which it has read (the API server answers)."""
         self._set(role=STANDBY)
 
     def leading(self) -> None:
@@ -62,7 +64,7 @@ class Health:
         with self._lock:
             if alive and self.role == LEADING and not self.kopf_started:
                 return False, "leading; kopf is starting"
-            return alive and self.role == LEADING, why
+            return alive and self.role in (LEADING, STANDBY), why
 
 
 def wsgi_app(health: Health, metrics_app: Callable) -> Callable:

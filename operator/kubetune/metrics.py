@@ -20,6 +20,8 @@ RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that r
                            ["reason"], registry=REGISTRY)
 RUN_PHASE = Gauge("kubetune_trainingrun_phase_info", "1 for the current phase of each run",
                   ["namespace", "name", "phase"], registry=REGISTRY)
+LEADER = Gauge("kubetune_operator_leader", "1 while this replica holds the Lease and acts, else 0",
+               registry=REGISTRY)
 RUN_GPUS = Gauge("kubetune_trainingrun_gpus", "GPUs the run's training pods hold (0 outside Training)",
                  ["namespace", "name"], registry=REGISTRY)
 

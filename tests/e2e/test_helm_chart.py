@@ -165,7 +165,15 @@ def probe(pod: dict, port: int, path: str) -> int:
 
 
 def leaders(pods: list[dict], port: int) -> list[str]:
-    return [p["metadata"]["name"] for p in pods if probe(p, port, "/readyz") == 200]
+    """The pods whose operator says it holds the Lease (`kubetune_operator_leader 1.0`)."""
+    def leads(pod: dict) -> bool:
+        url = f"http://{pod['status']['podIP']}:{port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as response:
+                return "kubetune_operator_leader 1.0" in response.read().decode()
+        except OSError:
+            return False
+    return [p["metadata"]["name"] for p in pods if leads(p)]
 
 
 def health(live: dict, tmp_path: Path, luahealth: Path) -> dict:
@@ -242,6 +250,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         assert wait_for(lambda: leaders(first, metrics_port), 60, "the operator to lead") == \
             [first[0]["metadata"]["name"]]
         assert probe(first[0], metrics_port, "/healthz") == 200
+        assert probe(first[0], metrics_port, "/readyz") == 200
         assert kubectl.json("get", "lease", LEASE, "-n", operator_ns)["spec"]["holderIdentity"]
 
         # --- a run, long enough to upgrade the operator under it ---------------------------------
@@ -270,7 +279,8 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
             return fresh if len(fresh) == 2 and len(pods) == 2 else None
         second = wait_for(rolled, 120, "two new operator pods")
         assert len(wait_for(lambda: leaders(second, metrics_port), 60, "one new replica to lead")) == 1
-        assert all(probe(p, metrics_port, "/healthz") == 200 for p in second)  # the standby is live
+        # The standby is live and Ready (it read the Lease), so `rollout status` finishes.
+        assert all(probe(p, metrics_port, path) == 200 for p in second for path in ("/healthz", "/readyz"))
         done = wait_phase(kubectl, namespace, "helm-run", {"Succeeded", "Failed"}, RUN_TIMEOUT)
         status = done["status"]
         assert status["phase"] == "Succeeded", status

@@ -18,11 +18,12 @@ class Clock:
         return self.now
 
 
-def test_a_standby_is_live_but_not_ready():
+def test_a_standby_that_read_the_lease_is_live_and_ready_to_take_over():
     health = Health()
+    assert health.ready() == (False, "starting: waiting for the leader Lease")
     health.standby()
     assert health.live() == (True, "standby: waiting for the leader Lease")
-    assert health.ready() == (False, "standby: waiting for the leader Lease")
+    assert health.ready() == (True, "standby: waiting for the leader Lease")
 
 
 def test_the_leader_is_ready_once_kopf_started():
@@ -69,9 +70,9 @@ def test_probes_and_metrics_share_the_metrics_port():
         port = sock.getsockname()[1]
     health = Health()
     metrics.serve(port, "127.0.0.1", health)
+    assert get(port, "/readyz") == (503, "starting: waiting for the leader Lease\n")
     health.standby()
     assert get(port, "/healthz") == (200, "standby: waiting for the leader Lease\n")
-    assert get(port, "/readyz")[0] == 503
     health.leading()
     health.started()
     assert get(port, "/readyz") == (200, "leading\n")

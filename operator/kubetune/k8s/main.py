@@ -89,7 +89,7 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.background.cancellation_polling = 1
 
 
-def elect(options: RuntimeOptions, stop: threading.Event):
+def elect(options: RuntimeOptions, stop: threading.Event, health: Health):
     from kubernetes import client
 
     from ..leader import LeaseElector
@@ -97,8 +97,10 @@ def elect(options: RuntimeOptions, stop: threading.Event):
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     elector = LeaseElector(client.CoordinationV1Api(), options.lease_namespace, options.lease_name, identity,
                            create=options.lease_create)
-    if not elector.acquire(stop):
-        return None
+    if not elector.try_acquire(create=options.lease_create):
+        health.standby()  # the Lease was read: ready to take over
+        if not elector.acquire(stop):
+            return None
     threading.Thread(target=elector.keep_renewing, args=(stop,), daemon=True).start()
     return elector
 
@@ -127,14 +129,15 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
     health = Health()
     metrics.serve(options.metrics_port, options.metrics_addr, health)
     stop = threading.Event()
-    health.standby()
-    elector = elect(options, stop) if options.leader_election else None
+    elector = elect(options, stop, health) if options.leader_election else None
     if options.leader_election and elector is None:
         return 1
     health.leading()
+    metrics.LEADER.set(1)
     kopf_stop = threading.Event()
     if elector is not None:  # leadership lost: stop acting at once, let the Deployment restart us
-        threading.Thread(target=lambda: (elector.lost.wait(), health.lost(), kopf_stop.set()),
+        threading.Thread(target=lambda: (elector.lost.wait(), health.lost(), metrics.LEADER.set(0),
+                                         kopf_stop.set()),
                          daemon=True).start()
     kopf.on.startup()(configure_kopf)
     kopf.on.startup(id="kubetune-health")(lambda **_: health.started())
