@@ -13,8 +13,9 @@ import sys
 from typing import Callable
 
 from .config import RunConfig, load_config
+from .contract import ENV_RANK, EXIT_OK, EXIT_RETRYABLE
 from .errors import StepError, UserError, user_error_of
-from .results import EXIT_OK, EXIT_RETRYABLE, exit_code, failure, write_result
+from .results import exit_code, failure, write_result
 from .storage import staged
 
 log = logging.getLogger("kubetune_trainer")
@@ -43,7 +44,7 @@ def run_finalize(config: RunConfig) -> dict:
 def is_rank_zero() -> bool:
     import os
 
-    return os.environ.get("RANK", "0") == "0"
+    return os.environ.get(ENV_RANK, "0") == "0"
 
 
 def run_step(step: str, config_path: str) -> int:
