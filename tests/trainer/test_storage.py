@@ -10,7 +10,8 @@ import pytest
 
 from kubetune_trainer.config import RunConfig, is_object_store
 from kubetune_trainer.errors import StepError, TransientError, UserError
-from kubetune_trainer.storage import SCRATCH_ENV, Mirror, stage_dir, staged, storage_errors
+from kubetune_trainer.contract import ENV_SCRATCH_DIR
+from kubetune_trainer.storage import Mirror, stage_dir, staged, storage_errors
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_a_mounted_work_dir_is_used_in_place(tmp_path):
 
 def test_a_step_runs_on_a_staging_copy_and_its_outputs_are_pushed_on_success(tmp_path, remote, memory,
                                                                              monkeypatch):
-    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(ENV_SCRATCH_DIR, str(tmp_path / "scratch"))
     with staged("convert", config(remote)) as local:
         assert local.work_dir == str(stage_dir(remote).resolve()) and local.remote_work_dir == remote
         assert local.storage_uri(local.hf_dir) == f"{remote}/hf" == local.published(local.hf_dir)
@@ -124,7 +125,7 @@ def test_a_step_runs_on_a_staging_copy_and_its_outputs_are_pushed_on_success(tmp
 
 
 def test_a_failed_step_pushes_nothing(tmp_path, remote, memory, monkeypatch):
-    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(ENV_SCRATCH_DIR, str(tmp_path / "scratch"))
     with pytest.raises(RuntimeError):
         with staged("convert", config(remote)):
             write(tmp_path / "scratch" / stage_dir(remote).name / "hf" / "half.safetensors", "w")

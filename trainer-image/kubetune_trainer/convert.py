@@ -16,24 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from . import checkpoints
 from .config import RunConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest-rank0.pt"
 MARKER = ".kubetune-source.json"  # hidden: not a Hugging Face file, ignored by from_pretrained
-SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index in a sharded folder
-# Monolithic `ep{e}-ba{b}-rank0.pt` files, or the `ep{e}-ba{b}` folders of sharded (FSDP) runs.
-CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)(-rank0\.pt)?")
-# The only parts of a checkpoint's `state` a conversion needs; the optimizer state is skipped.
-NEEDED_STATE = ("model", "integrations")
 
 
 def run_convert(config: RunConfig) -> dict:
@@ -53,42 +47,20 @@ def run_convert(config: RunConfig) -> dict:
 
 def find_checkpoint(folder: Path) -> Path:
     """The checkpoint `latest-rank0.pt` points to, else the one with the highest (epoch, batch)."""
-    latest = folder / LATEST
-    if latest.exists():  # follows the symlink; a dangling one falls through to the listing
-        return latest.resolve()
-    steps = [(step, path) for path in _entries(folder) if (step := checkpoint_step(path))]
-    if not steps:
+    found = checkpoints.find_latest(folder)
+    if found is None:
         raise UserError(
-            f"no Composer checkpoint in {folder}: expected {LATEST}, ep*-ba*-rank0.pt files "
+            f"no Composer checkpoint in {folder}: expected {checkpoints.LATEST}, ep*-ba*-rank0.pt files "
             "or sharded ep*-ba* folders of .distcp files; did training save one?",
             "CheckpointMissing",
         )
-    return max(steps)[1]
-
-
-def _entries(folder: Path) -> list[Path]:
-    return list(folder.iterdir()) if folder.is_dir() else []
-
-
-def checkpoint_step(path: Path) -> tuple[int, int] | None:
-    """(epoch, batch) of a checkpoint file or sharded folder; None for anything else."""
-    match = CHECKPOINT_NAME.fullmatch(path.name)
-    if not match:
-        return None
-    is_file = match.group(3) is not None
-    if (is_file and not path.is_file()) or (not is_file and not is_sharded(path)):
-        return None
-    return int(match.group(1)), int(match.group(2))
-
-
-def is_sharded(path: Path) -> bool:
-    return path.is_dir() and (path / SHARDED_METADATA).is_file()
+    return found
 
 
 def checkpoint_identity(checkpoint: Path, config: RunConfig) -> dict[str, Any]:
     """What the marker records: a rewritten checkpoint at the same path counts as a new one.
     A copy pulled from an object store is named by its URI; its local mtime says nothing."""
-    stat = (checkpoint / SHARDED_METADATA if checkpoint.is_dir() else checkpoint).stat()
+    stat = (checkpoint / checkpoints.SHARDED_METADATA if checkpoint.is_dir() else checkpoint).stat()
     if config.remote_work_dir:
         return {"checkpoint": config.published(str(checkpoint)), "size": stat.st_size}
     return {"checkpoint": str(checkpoint), "size": stat.st_size, "mtimeNs": stat.st_mtime_ns}
@@ -104,44 +76,13 @@ def read_marker(hf_dir: Path) -> dict[str, Any] | None:
 # --- reading the checkpoint -------------------------------------------------------------------
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's `state` with the model weights and the Hugging Face metadata, on CPU."""
-    try:
-        state = load_sharded(checkpoint) if checkpoint.is_dir() else load_monolithic(checkpoint)
-    except Exception as error:  # torch raises RuntimeError, pickle errors, EOFError, ... alike
-        raise UserError(f"cannot read checkpoint {checkpoint}: {error}", "CheckpointUnreadable") from error
-    missing = [key for key in NEEDED_STATE if key not in state]
-    if missing or "huggingface" not in state["integrations"]:
+    """The checkpoint's model weights and Hugging Face metadata, on CPU."""
+    state = checkpoints.read_state(checkpoint, checkpoints.MODEL_STATE)
+    if "huggingface" not in state["integrations"]:
         raise UserError(
-            f"checkpoint {checkpoint} lacks {missing or ['integrations.huggingface']}: was it "
-            "saved by kubetune's trainer (Composer HuggingFaceModel with a tokenizer)?",
-            "CheckpointUnreadable",
-        )
+            f"checkpoint {checkpoint} lacks integrations.huggingface: was it saved by kubetune's "
+            "trainer (Composer HuggingFaceModel with a tokenizer)?", "CheckpointUnreadable")
     return state
-
-
-def load_monolithic(checkpoint: Path) -> dict[str, Any]:
-    import torch
-
-    # weights_only=False: Composer pickles its own objects (timestamps, schedulers) next to the
-    # tensors; the file comes from this run's own storage. mmap keeps the weights on disk until used.
-    return torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["state"]
-
-
-def load_sharded(folder: Path) -> dict[str, Any]:
-    """Gather an FSDP checkpoint's `.distcp` shards into full tensors in this one process.
-
-    The same path as torch's `format_utils.dcp_to_torch_save`, restricted to the model and its
-    metadata: the optimizer state (as large as the model, or twice) is never read.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    keys = {f"state.{key}" for key in NEEDED_STATE}
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(folder)),
-                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
-    return state["state"]
 
 
 # --- writing the Hugging Face folder ----------------------------------------------------------
@@ -169,6 +110,7 @@ def build_model(config_content: dict[str, Any], weights: dict[str, Any]):
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     config = CONFIG_MAPPING[config_content["model_type"]].from_dict(dict(config_content))
+    config.use_cache = True  # off while training (train/model.py), the default for inference
     dtype = _dtype(getattr(config, "torch_dtype", None))
     with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
         model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)

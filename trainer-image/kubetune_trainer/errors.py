@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class StepError(Exception):
     """A failure with a CamelCase reason and a message for a person (no secrets, no traceback)."""
@@ -50,3 +53,37 @@ def user_error_of(error: BaseException) -> UserError | None:
         )
     return None
 
+
+class StorageFull(StepError):
+    """No space left where the run writes. Retrying on the same full volume fails the same way."""
+
+    reason = "StorageFull"
+    permanent = True
+
+
+# How a full disk surfaces: OSError from Python's writes, RuntimeError from torch.save's writer.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def storage_full(error: BaseException, folder: str) -> StorageFull | None:
+    """A StorageFull naming `folder`, if `error` (or what caused it) is a full disk there."""
+    seen: BaseException | None = error
+    while seen is not None:
+        no_space = isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS
+        torch_write = isinstance(seen, RuntimeError) and any(m in str(seen) for m in TORCH_WRITE_FAILED)
+        if no_space or (torch_write and _nearly_full(folder)):
+            return StorageFull(f"no space left on the storage of {folder} while saving a checkpoint: "
+                               "the checkpoints saved before are kept; free space or enlarge the volume, "
+                               "then run again and it resumes from the newest whole checkpoint")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _nearly_full(folder: str, margin: int = 64 * 2**20) -> bool:
+    """torch's writer does not say why a write failed: ask the filesystem."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < margin

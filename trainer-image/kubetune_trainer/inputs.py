@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import fsspec
 
+from .checkpoints import SHARD_SUFFIXES
 from .errors import TransientError, UserError
-
-SHARD_SUFFIXES = (".distcp", ".metadata")
 
 
 def check_custom_weights(path: str | None) -> None:

@@ -13,35 +13,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .contract import (ENV_TERMINATION_LOG, EXIT_PERMANENT, EXIT_RETRYABLE, MAX_RESULT_BYTES, RESULT_MESSAGE,
+                       RESULT_OK, RESULT_PERMANENT, RESULT_REASON, RESULT_STEP, TERMINATION_LOG)
 from .errors import StepError
-
-EXIT_OK = 0
-EXIT_RETRYABLE = 1
-EXIT_PERMANENT = 2
-TERMINATION_LOG = "/dev/termination-log"
-MAX_MESSAGE_BYTES = 4096
 
 
 def termination_log_path() -> Path | None:
-    override = os.environ.get("KUBETUNE_TERMINATION_LOG")
+    override = os.environ.get(ENV_TERMINATION_LOG)
     if override:
         return Path(override)
     default = Path(TERMINATION_LOG)
     return default if default.parent.exists() and os.access(default.parent, os.W_OK) else None
 
 
-def fit(document: dict[str, Any], limit: int = MAX_MESSAGE_BYTES) -> str:
+def fit(document: dict[str, Any], limit: int = MAX_RESULT_BYTES) -> str:
     """Serialise, shortening the message (never the keys) until it fits the kubelet's limit."""
     text = json.dumps(document, sort_keys=True)
-    while len(text.encode()) > limit and document.get("message"):
-        message = document["message"]
-        document = {**document, "message": message[: max(0, len(message) // 2 - 3)] + "..."}
+    while len(text.encode()) > limit and document.get(RESULT_MESSAGE):
+        message = document[RESULT_MESSAGE]
+        document = {**document, RESULT_MESSAGE: message[: max(0, len(message) // 2 - 3)] + "..."}
         text = json.dumps(document, sort_keys=True)
     return text
 
 
 def write_result(step: str, ok: bool, **fields: Any) -> dict[str, Any]:
-    document = {"step": step, "ok": ok, **fields}
+    document = {RESULT_STEP: step, RESULT_OK: ok, **fields}
     path = termination_log_path()
     if path is not None:
         path.write_text(fit(document))
@@ -49,8 +45,8 @@ def write_result(step: str, ok: bool, **fields: Any) -> dict[str, Any]:
 
 
 def failure(step: str, error: StepError) -> dict[str, Any]:
-    return write_result(step, False, reason=error.reason, message=error.message,
-                        permanent=error.permanent)
+    return write_result(step, False, **{RESULT_REASON: error.reason, RESULT_MESSAGE: error.message,
+                                        RESULT_PERMANENT: error.permanent})
 
 
 def exit_code(error: StepError) -> int:

@@ -20,18 +20,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .checkpoints import LATEST_PATH, POINTER_SUFFIX
 from .config import RunConfig, is_object_store
+from .contract import ENV_RANK, ENV_SCRATCH_DIR
 from .errors import TransientError, UserError
 
 log = logging.getLogger(__name__)
-SCRATCH_ENV = "KUBETUNE_SCRATCH_DIR"  # where staging copies go (an emptyDir on a cluster)
-POINTER_SUFFIX = ".symlink"
-LATEST = "checkpoints/latest-rank0.pt"
 DATA_MARKER = "data/_SUCCESS"
 HF_MARKER = "hf/.kubetune-source.json"
 
 # What each step reads (pointers are followed and their targets pulled) and writes.
-POINTERS = {"train": (LATEST,), "convert": (LATEST,), "finalize": (LATEST,)}
+POINTERS = {"train": (LATEST_PATH,), "convert": (LATEST_PATH,), "finalize": (LATEST_PATH,)}
 PULLS = {"prepare": (DATA_MARKER,), "train": ("data", "result"), "convert": ("hf",),
          "register": ("hf", "result"), "finalize": ("hf", "result")}
 PUSHES = {"prepare": ("data",), "train": ("checkpoints", "result"), "convert": ("hf",),
@@ -141,7 +140,7 @@ class Mirror:
 
 def stage_dir(remote: str, base: str | None = None) -> Path:
     """The node's staging folder for one remote work_dir, shared by the processes of a pod."""
-    base = base or os.environ.get(SCRATCH_ENV) or str(Path(tempfile.gettempdir()) / "kubetune-stage")
+    base = base or os.environ.get(ENV_SCRATCH_DIR) or str(Path(tempfile.gettempdir()) / "kubetune-stage")
     return Path(base) / hashlib.sha256(remote.encode()).hexdigest()[:16]
 
 
@@ -191,8 +190,8 @@ def staged(step: str, config: RunConfig) -> Iterator[RunConfig]:
     with storage_errors(config.work_dir):
         for rel in PUSHES[step]:
             mirror.push(rel)
-        if step == "train" and os.environ.get("RANK", "0") == "0":
-            mirror.push_pointer(LATEST)
+        if step == "train" and os.environ.get(ENV_RANK, "0") == "0":
+            mirror.push_pointer(LATEST_PATH)
 
 
 def local_config(config: RunConfig, mirror: Mirror) -> RunConfig:

@@ -107,7 +107,8 @@ def test_sharded_fsdp_checkpoint_converts_to_the_same_weights(work_dir, tiny_mod
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    from kubetune_trainer.convert import load_sharded, run_convert
+    from kubetune_trainer.checkpoints import read_state
+    from kubetune_trainer.convert import run_convert
 
     checkpoints = work_dir / "checkpoints"
     monolithic = checkpoints / "ep0-ba2-rank0.pt"
@@ -116,7 +117,7 @@ def test_sharded_fsdp_checkpoint_converts_to_the_same_weights(work_dir, tiny_mod
     dcp.save(torch.load(monolithic, map_location="cpu", weights_only=False),
              checkpoint_id=checkpoints / "ep0-ba3")
     assert list((checkpoints / "ep0-ba3").glob("*.distcp"))
-    assert set(load_sharded(checkpoints / "ep0-ba3")) == {"model", "integrations"}, "optimizer read"
+    assert set(read_state(checkpoints / "ep0-ba3")) == {"model", "integrations"}, "optimizer read"
     for path in [monolithic, checkpoints / "ep0-ba1-rank0.pt", checkpoints / "latest-rank0.pt"]:
         path.unlink()
 

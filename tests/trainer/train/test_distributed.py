@@ -88,7 +88,8 @@ def test_two_nodes_on_an_object_store_each_with_its_own_staging_copy(make_config
     """Two "nodes" that share no folder, only an S3 work_dir: each stages its own copy, the
     checkpoint and pointer are uploaded once all ranks saved, and relaunched nodes with empty
     staging folders pull the checkpoint and just report."""
-    from kubetune_trainer.storage import SCRATCH_ENV, Mirror
+    from kubetune_trainer.contract import ENV_SCRATCH_DIR
+    from kubetune_trainer.storage import Mirror
 
     prefix = f"dist/{tmp_path.name}"
     local = make_config()
@@ -101,7 +102,7 @@ def test_two_nodes_on_an_object_store_each_with_its_own_staging_copy(make_config
     def both_nodes(round_: int) -> None:
         port = free_port()
         nodes = [launch(config_file, nnodes=2, nproc=1, node_rank=r, port=port,
-                        **{SCRATCH_ENV: str(tmp_path / f"round{round_}-node{r}")}) for r in (0, 1)]
+                        **{ENV_SCRATCH_DIR: str(tmp_path / f"round{round_}-node{r}")}) for r in (0, 1)]
         done = [node.communicate(timeout=240) for node in nodes]
         assert [p.returncode for p, _ in done] == [0, 0], "\n".join(err[-3000:] for _, err in done)
 

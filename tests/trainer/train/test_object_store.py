@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from kubetune_trainer.errors import UserError
-from kubetune_trainer.storage import SCRATCH_ENV, Mirror, staged
+from kubetune_trainer.contract import ENV_SCRATCH_DIR
+from kubetune_trainer.storage import Mirror, staged
 from kubetune_trainer.train import run_train
 
 from .conftest import config_factory
@@ -18,7 +19,7 @@ from .test_resume import Crash, Watch
 
 def train_in_pod(config, pod_dir, monkeypatch, callbacks=()):
     """What the CLI does in a fresh pod: stage, train, push."""
-    monkeypatch.setenv(SCRATCH_ENV, str(pod_dir))
+    monkeypatch.setenv(ENV_SCRATCH_DIR, str(pod_dir))
     with staged("train", config) as local:
         return run_train(local, callbacks=list(callbacks))
 

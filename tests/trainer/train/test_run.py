@@ -12,7 +12,6 @@ import pytest
 from composer.core import Callback
 
 from kubetune_trainer.train import run_train
-from kubetune_trainer.train.mlflow_logging import as_uri
 
 from .conftest import config_factory, free_port, random_rows, write_prepared
 
@@ -106,11 +105,11 @@ def test_mlflow_run_is_tagged_and_records_the_checkpoints(run, mlflow_run, tmp_p
     tags = record.data.tags
     assert record.info.status == "FINISHED"
     assert tags["kubetune.run_uid"] == config.run_uid
-    assert tags["kubetune.checkpoint_folder"] == as_uri(config.checkpoint_dir)
-    assert tags["kubetune.latest_checkpoint"] == as_uri(result["latestCheckpoint"])
+    assert tags["kubetune.checkpoint_folder"] == config.storage_uri(config.checkpoint_dir)
+    assert tags["kubetune.latest_checkpoint"] == config.storage_uri(result["latestCheckpoint"])
     index = json.loads(Path(client.download_artifacts(record.info.run_id, "kubetune/checkpoints.json",
                                                       str(tmp_path))).read_text())
-    assert index["latest"] == as_uri(result["latestCheckpoint"])
+    assert index["latest"] == config.storage_uri(result["latestCheckpoint"])
     assert [Path(c["uri"]).name for c in index["checkpoints"]] == ["ep0-ba4-rank0.pt", "ep1-ba6-rank0.pt"]
     assert all(c["bytes"] > 0 for c in index["checkpoints"])
 

@@ -24,9 +24,9 @@ def test_gpu_uses_bf16_and_flash_attention_varlen_when_installed():
     assert runtime.microbatch_size == "auto" and not runtime.fsdp
 
 
-def test_gpu_without_flash_attention_falls_back_to_masks():
+def test_gpu_without_flash_attention_uses_flex_attention_without_dense_masks():
     runtime = runtime_for(Distributed(gpus_per_node=1), device_batch_size=2, flash_attention=False)
-    assert runtime.attn_implementation == "sdpa" and runtime.block_mask
+    assert runtime.attn_implementation == "flex_attention" and not runtime.block_mask
 
 
 def test_fsdp_shards_fully_with_sharded_checkpoints():

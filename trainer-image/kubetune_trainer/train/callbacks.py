@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from composer.callbacks import CheckpointSaver, Generate
@@ -13,18 +13,11 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from ..storage import LATEST as LATEST_OBJECT
+from .. import checkpoints
 from ..storage import Mirror, storage_errors
 
-LATEST = "latest-rank0.pt"
 # The managed service's sampling settings for evalPrompts.
 GENERATION = {"max_new_tokens": 100, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "do_sample": True}
-
-
-def latest_checkpoint(folder: str | Path) -> str | None:
-    """The checkpoint (file, or folder of shards) that rank 0's `latest` pointer names."""
-    pointer = Path(folder) / LATEST
-    return str(pointer.resolve()) if pointer.is_symlink() and pointer.exists() else None
 
 
 class AfterCheckpoint(Callback):
@@ -46,21 +39,26 @@ class AfterCheckpoint(Callback):
 
 
 class CheckpointWatcher(AfterCheckpoint):
-    """Calls listeners with the new checkpoint's path after the saver wrote one (rank 0)."""
+    """Calls listeners with the new checkpoint's path after the saver wrote one (rank 0); at
+    the start, with the checkpoint a resumed run starts from."""
 
-    def __init__(self, saver: CheckpointSaver, listeners: list[Callable[[str], None]]):
-        self.saver, self.listeners = saver, listeners
-        self._reported: str | None = None
+    def __init__(self, saver: CheckpointSaver, listeners: Sequence[Callable[[str], None]],
+                 resumed_from: Path | None = None):
+        self.saver, self.listeners = saver, tuple(listeners)
+        self.resumed_from = resumed_from
+        self._reported: Path | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        self.after_save()  # a resumed run starts from a checkpoint already
+        self.report(self.resumed_from)
 
     def after_save(self) -> None:
-        current = latest_checkpoint(self.saver.folder)
+        self.report(checkpoints.latest(self.saver.folder))
+
+    def report(self, current: Path | None) -> None:
         if current is not None and current != self._reported:
             self._reported = current
             for listener in self.listeners:
-                listener(current)
+                listener(str(current))
 
 
 class CheckpointUploader(AfterCheckpoint):
@@ -89,7 +87,7 @@ class CheckpointUploader(AfterCheckpoint):
                 self.mirror.push("checkpoints")
             dist.barrier()  # every pod has uploaded
             if dist.get_global_rank() == 0:
-                self.mirror.push_pointer(LATEST_OBJECT)
+                self.mirror.push_pointer(checkpoints.LATEST_PATH)
 
 
 class _BatchColumn:

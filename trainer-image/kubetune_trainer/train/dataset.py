@@ -1,9 +1,9 @@
 """Prepared (packed) data -> Composer DataSpecs.
 
 Attention must not cross the boundaries of samples packed into one row. With flash-attention 2
-the model finds the boundaries itself from `position_ids` (they restart at 0 per sample: FA2's
-varlen path); everywhere else the collator adds a 4-D block-diagonal causal mask built from
-`sequence_ids`. `position_ids` are passed either way, so each sample sees the same positions
+or FlexAttention the model finds the boundaries itself from `position_ids` (they restart at 0
+per sample: FA2's varlen path, Flex's document mask); with SDPA the collator adds a 4-D
+block-diagonal causal mask built from `sequence_ids`. `position_ids` are passed either way, so each sample sees the same positions
 as if it stood alone.
 """
 
@@ -47,7 +47,7 @@ def block_causal_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackedCollator:
-    block_mask: bool  # False when flash-attention 2 separates samples by position_ids
+    block_mask: bool  # False when the attention kernel separates samples by position_ids
 
     def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}

@@ -11,9 +11,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from composer.loggers import MLFlowLogger
+from composer.core import Callback, State
+from composer.loggers import Logger, MLFlowLogger
 
+from .. import checkpoints
 from ..config import RunConfig
+from ..contract import ENV_MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID
 
 RUN_UID_TAG = "kubetune.run_uid"
 CHECKPOINT_FOLDER_TAG = "kubetune.checkpoint_folder"
@@ -27,11 +30,7 @@ def composer_run_name(config: RunConfig) -> str:
 
 
 def tracking_uri(config: RunConfig) -> str | None:
-    return config.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # None: MLflow's default
-
-
-def as_uri(path: str) -> str:
-    return path if "://" in path else Path(path).resolve().as_uri()
+    return config.mlflow_tracking_uri or os.environ.get(ENV_MLFLOW_TRACKING_URI)  # None: MLflow's default
 
 
 def mlflow_logger(config: RunConfig, system_metrics: bool) -> MLFlowLogger:
@@ -69,24 +68,35 @@ def mark_failed(run_id: str, uri: str | None) -> None:
     MlflowClient(uri).set_terminated(run_id, status="FAILED")
 
 
-class CheckpointRecorder:
-    """Records each new checkpoint in the MLflow run: a tag with the latest one and a small JSON
-    artifact listing every checkpoint file by URI and size (references, not copies: they are
-    large and already on shared storage)."""
+class RunRecord(Callback):
+    """Rank 0: the MLflow run's ids and hyper-parameters, and a record of each new checkpoint: a
+    tag with the latest one and a small JSON artifact listing every checkpoint by URI and size
+    (references, not copies: they are large and already on shared storage).
 
-    def __init__(self, run_id: str, folder: str, uri: str | None, locate: Callable[[str], str] = as_uri):
-        from mlflow import MlflowClient
+    The ids are known at Composer's INIT event, after the MLflow logger (Composer runs loggers
+    before callbacks) started or resumed the run; `progress`, if given, is told them."""
 
-        self.client, self.run_id, self.folder = MlflowClient(uri), run_id, Path(folder)
-        self.locate = locate  # local path -> the URI readers use (the object store's, if mirrored)
+    def __init__(self, config: RunConfig, hyperparameters: dict[str, Any], progress: Any = None):
+        self.uri, self.folder = tracking_uri(config), Path(config.checkpoint_dir)
+        self.locate: Callable[[str], str] = config.storage_uri  # the URI readers use (the object store's)
+        self.hyperparameters, self.progress = hyperparameters, progress
+        self.ids: dict[str, str | None] = {MLFLOW_EXPERIMENT_ID: None, MLFLOW_RUN_ID: None}
+
+    def init(self, state: State, logger: Logger) -> None:
+        self.ids[MLFLOW_EXPERIMENT_ID], self.ids[MLFLOW_RUN_ID] = active_run_ids()
+        logger.log_hyperparameters(self.hyperparameters)
+        if self.progress is not None:
+            self.progress.set_mlflow(self.ids[MLFLOW_EXPERIMENT_ID], self.ids[MLFLOW_RUN_ID])
 
     def __call__(self, checkpoint: str) -> None:
-        self.client.set_tag(self.run_id, LATEST_CHECKPOINT_TAG, self.locate(checkpoint))
-        self.client.log_dict(self.run_id, self.index(checkpoint), CHECKPOINT_INDEX)
+        from mlflow import MlflowClient
+
+        client, run_id = MlflowClient(self.uri), self.ids[MLFLOW_RUN_ID]
+        client.set_tag(run_id, LATEST_CHECKPOINT_TAG, self.locate(checkpoint))
+        client.log_dict(run_id, self.index(checkpoint), CHECKPOINT_INDEX)
 
     def index(self, latest: str) -> dict[str, Any]:
-        entries = sorted(p for p in self.folder.glob("ep*-ba*") if not p.is_symlink())
-        files = [{"uri": self.locate(str(p)), "bytes": size(p)} for p in entries]
+        files = [{"uri": self.locate(str(p)), "bytes": size(p)} for p in reversed(checkpoints.listed(self.folder))]
         return {"folder": self.locate(str(self.folder)), "latest": self.locate(latest), "checkpoints": files}
 
 

@@ -7,14 +7,13 @@ or Composer's `.symlink` text file), or a folder of sharded `.distcp` files.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
 
+from .. import checkpoints
 from ..cli import first_line
 from ..errors import UserError
 from .runtime import Runtime
@@ -38,6 +37,9 @@ def load_hf(model_name: str, runtime: Runtime, *, empty: bool = False):
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise UserError(f"model {model_name!r} could not be loaded: {first_line(error)}",
                         "ModelLoadFailed") from error
+    # Training keeps no KV cache; without one `transformers` also finds the packed samples from
+    # `position_ids` (FlexAttention's document mask). `convert` turns it back on for inference.
+    model.config.use_cache = False
     return tokenizer, model
 
 
@@ -61,38 +63,14 @@ def composer_model(model_name: str, runtime: Runtime, *, empty: bool = False) ->
                             eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()])
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """Follow a `latest-*` pointer to the checkpoint file or sharded folder it names."""
-    pointer = Path(path.removeprefix("file://"))
-    if not pointer.exists():
-        raise UserError(f"customWeightsPath {path} does not exist", "CustomWeightsMissing")
-    if pointer.is_file() and not pointer.is_symlink() and pointer.suffix == ".symlink":
-        # Composer's object-store pointer: a text file holding the target's path
-        pointer = pointer.parent / pointer.read_text().strip()
-    return pointer.resolve()
-
-
-def read_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a Composer checkpoint; a sharded folder is gathered into one state
-    dict with torch.distributed.checkpoint's format utilities (no process group needed)."""
-    if checkpoint.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as temp:
-            full = Path(temp) / "full.pt"
-            dcp_to_torch_save(checkpoint, full)
-            document: Any = torch.load(full, map_location="cpu", weights_only=False)
-    else:
-        document = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    try:
-        return document["state"]["model"]
-    except (KeyError, TypeError):
-        raise UserError(f"customWeightsPath {checkpoint} is not a Composer checkpoint (no state.model)",
-                        "CustomWeightsInvalid") from None
-
-
 def load_custom_weights(model: HuggingFaceModel, path: str, model_name: str) -> None:
-    state = read_model_state(resolve_checkpoint(path))
+    checkpoint = checkpoints.follow(Path(path.removeprefix("file://")))
+    if not checkpoint.exists():
+        raise UserError(f"customWeightsPath {path} does not exist", "CustomWeightsMissing")
+    try:
+        state = checkpoints.model_weights(checkpoint)
+    except UserError as error:
+        raise UserError(f"customWeightsPath {path}: {error.message}", "CustomWeightsInvalid") from error
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:  # missing/unexpected keys or shape mismatches

@@ -2,6 +2,13 @@
 
 A pure function of the run's `Distributed` settings (plus whether flash-attention is
 installed), so the GPU path is checked by unit tests on machines without a GPU.
+
+Attention must keep the samples packed into one row apart. On a GPU that takes no dense mask:
+flash-attention 2 (when installed; PyPI ships only its source) finds the samples from
+`position_ids`, and otherwise FlexAttention (torch) runs with a block-sparse document mask that
+`transformers` derives from the same `position_ids`. On a CPU (tests, small runs) it is SDPA
+with the collator's block-diagonal mask: torch 2.7 compiles FlexAttention on a CPU for inference
+only.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ class Runtime:
 
     @property
     def block_mask(self) -> bool:
-        """Whether the collator must build block-diagonal masks (flash-attention 2 needs none)."""
-        return self.attn_implementation != "flash_attention_2"
+        """Whether the collator must build dense block-diagonal masks (only SDPA needs them)."""
+        return self.attn_implementation == "sdpa"
 
 
 def flash_attention_installed() -> bool:
@@ -52,7 +59,7 @@ def runtime_for(distributed: Distributed, device_batch_size: int, flash_attentio
     return Runtime(
         device="gpu",
         precision="amp_bf16",
-        attn_implementation="flash_attention_2" if flash_attention else "sdpa",
+        attn_implementation="flash_attention_2" if flash_attention else "flex_attention",
         microbatch_size="auto",
         parallelism={"fsdp": dict(FSDP_SETTINGS)} if distributed.fsdp else None,
     )

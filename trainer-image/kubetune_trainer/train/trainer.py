@@ -16,22 +16,23 @@ from composer.callbacks import CheckpointSaver
 from composer.core import Callback
 from composer.utils import dist
 
+from .. import checkpoints
+from ..checkpoints import ResumePoint
 from ..config import RunConfig
-from ..errors import UserError
+from ..contract import (ENV_POD_IP, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID, RESULT_LATEST_CHECKPOINT, RESULT_MLFLOW,
+                        RESULT_RESUME_NOTE, TRAIN_RESULT_FILE)
+from ..errors import UserError, storage_full
 from ..storage import Mirror
-from .callbacks import (CheckpointGenerations, CheckpointUploader, CheckpointWatcher, WeightsDigest,
-                        latest_checkpoint)
+from .callbacks import CheckpointGenerations, CheckpointUploader, CheckpointWatcher, WeightsDigest
 from .dataset import data_spec, open_prepared
+from .flops import flops_per_token, peak_flops
 from .lion import DecoupledLionW
-from .mlflow_logging import (CheckpointRecorder, active_run_ids, composer_run_name, hyperparameters,
-                             mark_failed, mlflow_logger, tracking_uri)
+from .mlflow_logging import RunRecord, composer_run_name, hyperparameters, mark_failed, mlflow_logger, tracking_uri
 from .model import composer_model, load_custom_weights
 from .progress import Progress, write_json_atomically
 from .runtime import Runtime, flash_attention_installed, runtime_for
 from .schedule import WarmupLinearDecay
 
-CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
-LATEST_NAME = "latest-rank{rank}.pt"
 BETAS = (0.99, 0.95)
 EVAL_METRICS = ["LanguageCrossEntropy", "LanguagePerplexity"]
 
@@ -40,7 +41,12 @@ EVAL_METRICS = ["LanguageCrossEntropy", "LanguagePerplexity"]
 class Assembly:
     trainer: Trainer
     runtime: Runtime
-    mlflow_ids: dict[str, str | None]  # filled on rank 0 only
+    resume: ResumePoint
+    record: RunRecord | None  # rank 0 only: the MLflow ids, known once the Trainer exists
+
+    @property
+    def mlflow_ids(self) -> dict[str, str | None]:
+        return dict(self.record.ids) if self.record else {MLFLOW_EXPERIMENT_ID: None, MLFLOW_RUN_ID: None}
 
 
 def device_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -55,9 +61,9 @@ def metrics_port(config: RunConfig) -> int | None:
 
 
 def initial_weights(config: RunConfig, model, runtime: Runtime) -> str | None:
-    """Load customWeightsPath unless this run resumes from its own checkpoint anyway.
+    """Load customWeightsPath (a run without a checkpoint of its own to resume from).
     Returns a load path for Composer when FSDP must load it shard-wise itself."""
-    if not config.custom_weights_path or latest_checkpoint(config.checkpoint_dir):
+    if not config.custom_weights_path:
         return None
     if runtime.fsdp:
         return config.custom_weights_path
@@ -66,23 +72,24 @@ def initial_weights(config: RunConfig, model, runtime: Runtime) -> str | None:
 
 
 def metrics_host() -> str:
-    return os.environ.get("POD_IP") or "0.0.0.0"
+    return os.environ.get(ENV_POD_IP) or "0.0.0.0"
 
 
-def checkpoint_callbacks(config: RunConfig, progress: Progress | None) -> tuple[list[Callback], list]:
-    """The saver, then a watcher telling listeners (progress, MLflow) about each new checkpoint."""
-    saver = CheckpointSaver(folder=config.checkpoint_dir, filename=CHECKPOINT_NAME,
-                            latest_filename=LATEST_NAME, save_interval=config.save_interval, overwrite=True)
-    listeners = [lambda path: progress.set_checkpoint(config.published(path))] if progress is not None else []
+def checkpoint_callbacks(config: RunConfig, resume: ResumePoint, progress: Progress | None,
+                         record: RunRecord | None) -> list[Callback]:
+    """The saver, then a watcher telling rank 0's listeners (progress, MLflow) of each new one."""
+    saver = CheckpointSaver(folder=config.checkpoint_dir, filename=checkpoints.FILENAME,
+                            latest_filename=checkpoints.LATEST_FILENAME, save_interval=config.save_interval,
+                            overwrite=True)
     callbacks: list[Callback] = [saver]
     if config.remote_work_dir:  # on an object store: uploaded before anyone is told
         callbacks.append(CheckpointUploader(saver, Mirror(config.remote_work_dir, Path(config.work_dir))))
-    callbacks.append(CheckpointWatcher(saver, listeners))
-    if progress is not None:
-        callbacks.append(progress)
+    if progress is not None and record is not None:
+        listeners = [lambda path: progress.set_checkpoint(config.published(path)), record]
+        callbacks += [record, CheckpointWatcher(saver, listeners, resume.checkpoint), progress]
     if config.eval_prompts:
         callbacks.append(CheckpointGenerations(config.eval_prompts, config.save_interval))
-    return callbacks, listeners
+    return callbacks
 
 
 def dataloaders(config: RunConfig, runtime: Runtime, batch: int) -> tuple[Any, Evaluator | None, int]:
@@ -105,13 +112,19 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
     train, evaluator, context_length = dataloaders(config, runtime, batch)
 
     model = composer_model(config.model, runtime, empty=runtime.fsdp and not rank_zero)
-    # Resume from this run's own `latest` checkpoint on the shared storage, else start from the
-    # custom weights. Not Composer's `autoresume`: its per-node signal files collide when the
+    # Resume from this run's own newest whole checkpoint on the shared storage, else start from
+    # the custom weights. Not Composer's `autoresume`: its per-node signal files collide when the
     # nodes share one checkpoint folder (a ReadWriteMany PVC), failing every multi-node start.
-    resume = latest_checkpoint(config.checkpoint_dir)
-    load_path = resume or initial_weights(config, model, runtime)
-    progress = Progress(config.progress_file, metrics_port(config), metrics_host()) if rank_zero else None
-    callbacks, listeners = checkpoint_callbacks(config, progress)
+    resume = checkpoints.resume_point(config.checkpoint_dir)
+    load_path = str(resume.checkpoint) if resume.checkpoint else initial_weights(config, model, runtime)
+    progress = record = None
+    if rank_zero:
+        progress = Progress(config.progress_file, metrics_port(config), metrics_host(),
+                            flops_per_token=flops_per_token(model.model, context_length),
+                            peak_flops=accelerator_peak(runtime, world_size))
+        progress.set_resume_note(resume.note)
+        record = RunRecord(config, hyperparameters(config, context_length, world_size), progress)
+    callbacks = checkpoint_callbacks(config, resume, progress, record)
     if not runtime.fsdp:  # sharded ranks hold different shards: nothing to compare
         callbacks.append(WeightsDigest(Path(config.result_dir)))
     trainer = Trainer(
@@ -127,12 +140,12 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
         loggers=[mlflow_logger(config, system_metrics=runtime.device == "gpu")],
         run_name=composer_run_name(config),
         save_folder=config.checkpoint_dir,
-        save_filename=CHECKPOINT_NAME,
-        save_latest_filename=LATEST_NAME,
+        save_filename=checkpoints.FILENAME,
+        save_latest_filename=checkpoints.LATEST_FILENAME,
         save_overwrite=True,  # a checkpoint written after the one `latest` names may be redone
         autoresume=False,
         load_path=load_path,
-        load_weights_only=resume is None and load_path is not None,
+        load_weights_only=resume.checkpoint is None and load_path is not None,
         seed=config.seed,
         device=runtime.device,
         precision=runtime.precision,
@@ -142,14 +155,17 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
         log_to_console=True,
         console_log_interval="10ba",
     )
-    ids: dict[str, str | None] = {"experimentId": None, "runId": None}
-    if progress is not None:
-        ids["experimentId"], ids["runId"] = active_run_ids()
-        trainer.logger.log_hyperparameters(hyperparameters(config, context_length, world_size))
-        listeners.append(CheckpointRecorder(ids["runId"], config.checkpoint_dir, tracking_uri(config),
-                                            config.storage_uri))
-        progress.set_mlflow(ids["experimentId"], ids["runId"])
-    return Assembly(trainer, runtime, ids)
+    return Assembly(trainer, runtime, resume, record)
+
+
+def accelerator_peak(runtime: Runtime, world_size: int) -> float | None:
+    """The dense bf16 peak of all the run's GPUs together (the same kind on every node)."""
+    if runtime.device != "gpu":
+        return None
+    import torch
+
+    peak = peak_flops(torch.cuda.get_device_name())
+    return peak * world_size if peak else None
 
 
 def finished(trainer: Trainer) -> bool:
@@ -163,14 +179,20 @@ def run_train(config: RunConfig, *, callbacks: Sequence[Callback] = ()) -> dict[
     try:
         if not finished(assembly.trainer):  # a retry after the last batch only reports again
             assembly.trainer.fit()
-    except BaseException:
+    except BaseException as error:
         assembly.trainer.close()
-        if assembly.mlflow_ids["runId"]:
-            mark_failed(assembly.mlflow_ids["runId"], tracking_uri(config))
+        if assembly.mlflow_ids[MLFLOW_RUN_ID]:
+            mark_failed(assembly.mlflow_ids[MLFLOW_RUN_ID], tracking_uri(config))
+        full = storage_full(error, config.checkpoint_dir)
+        if full is not None:
+            raise full from error
         raise
     assembly.trainer.close()
-    latest = latest_checkpoint(config.checkpoint_dir)
-    result = {"latestCheckpoint": latest and config.published(latest), "mlflow": assembly.mlflow_ids}
+    latest = checkpoints.latest(config.checkpoint_dir)
+    result: dict[str, Any] = {RESULT_LATEST_CHECKPOINT: latest and config.published(str(latest)),
+                              RESULT_MLFLOW: assembly.mlflow_ids}
+    if assembly.resume.note:
+        result[RESULT_RESUME_NOTE] = assembly.resume.note
     if dist.get_global_rank() == 0:
-        write_json_atomically(Path(config.result_dir) / "train.json", result)
+        write_json_atomically(Path(config.path(TRAIN_RESULT_FILE)), result)
     return result
