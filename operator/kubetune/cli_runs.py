@@ -80,11 +80,18 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("   ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows)
 
 
+def shown(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource as kubectl prints it: without metadata.managedFields."""
+    meta = {k: v for k, v in (resource.get("metadata") or {}).items() if k != "managedFields"}
+    return {**resource, "metadata": meta}
+
+
 def as_document(resources: Sequence[dict[str, Any]], single: bool) -> dict[str, Any]:
     """One resource as itself, several as a `List`, as kubectl prints them."""
     if single and len(resources) == 1:
-        return resources[0]
-    return {"apiVersion": "v1", "kind": "List", "items": list(resources), "metadata": {"resourceVersion": ""}}
+        return shown(resources[0])
+    return {"apiVersion": "v1", "kind": "List", "items": [shown(r) for r in resources],
+            "metadata": {"resourceVersion": ""}}
 
 
 def render(runs: Sequence[TrainingRun], output: str | None, all_namespaces: bool, single: bool,

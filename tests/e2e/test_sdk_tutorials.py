@@ -2,7 +2,8 @@
 and the SDK, the CLI and kubectl watching one run: every version any of them saw, they saw alike.
 
 One run goes to COMPLETED (~60 s) and serves every check on a finished run; a second continues
-from its last checkpoint with custom_weights_path, is seen training, and is cancelled.
+from its last checkpoint with custom_weights_path (started as soon as the first has trained, so
+its data preparation overlaps the first's conversion), is seen training, and is cancelled.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def _skip_blanks(text: str, index: int) -> int:
     return index
 
 
+def row_of(name: str, table: str) -> list[str]:
+    return next(line.split() for line in table.splitlines() if line.split()[:1] == [name])
+
+
 def versions(objects: list[dict]) -> dict[str, dict]:
     return {o["metadata"]["resourceVersion"]: o for o in objects}
 
@@ -127,6 +132,19 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
                        tmp_path, "tutorial-follow", started)
     cli_follow = Started(kubetune_argv("events", name, "-f"), env, tmp_path, "cli-follow", started)
 
+    # 2. Continue from the last checkpoint once the run has trained: a longer run, from that path.
+    wait_for(lambda: "TRAIN_FINISHED" in [e["type"] for e in (kubectl.json(
+        "get", "trainingrun", name, "-n", namespace).get("status") or {}).get("events") or []],
+        RUN_TIMEOUT, f"{name} to finish training")
+    latest = kubectl.json("get", "trainingrun", name, "-n", namespace)["status"]["latestCheckpoint"]
+    continued = run_script("continue_from_checkpoint.py", {**env, "RUN_NAME": name, "TRAINING_DURATION": "20ep",
+                                                           "TRAIN_DATA_PATH": inputs.data("ift-long.jsonl")})
+    second = continued.split()[-1]
+    assert f"{latest}\n{second}" in continued  # the run took the checkpoint path as it was
+    spec = kubectl.json("get", "trainingrun", second, "-n", namespace)["spec"]
+    assert spec["customWeightsPath"] == latest
+    cli_second = Started(kubetune_argv("events", second, "-f"), env, tmp_path, "cli-follow-second", started)
+
     code, followed = tutorial.wait(RUN_TIMEOUT)
     assert code == 0, followed
     for event in ("CREATED", "TRAIN_STARTED", "TRAIN_FINISHED", "REGISTERED", "COMPLETED"):
@@ -137,7 +155,7 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
     assert "tok/s" in cli_out and "loss" in cli_out and "ETA" in cli_out, cli_out  # the progress bar
     assert f"{name}: COMPLETED" in cli_out.splitlines()[-1], cli_out
 
-    # 2. The same run, seen by the SDK, the CLI and kubectl: each version alike in all three.
+    # 3. The same run, seen by the SDK, the CLI and kubectl: each version alike in all three.
     sdk_watch.join(timeout=60)
     by_kubectl, by_cli = versions(documents(kubectl_watch.stop())), versions(documents(cli_watch.stop()))
     # From the moment all three watched until the run ended, each saw every version, and alike.
@@ -152,30 +170,22 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
         assert by_cli[version] == by_kubectl[version]
         assert sdk_watch.seen[version].phase == (phase or "Pending")
         assert sdk_watch.seen[version].status is status_from_phase(phase)
-    table = kubectl("get", "trainingruns", "-n", namespace).stdout.split("\n")[1].split()
-    wide = subprocess.run(kubetune_argv("get", "-o", "wide"), env=env, capture_output=True, text=True,
-                          timeout=60).stdout.split("\n")[1].split()
-    assert table[0] == wide[0] == name and table[2] == "Succeeded" and "Succeeded" in wide and "COMPLETED" in wide
+    table = row_of(name, kubectl("get", "trainingruns", "-n", namespace).stdout)
+    wide = row_of(name, subprocess.run(kubetune_argv("get", "-o", "wide"), env=env, capture_output=True,
+                                       text=True, timeout=60).stdout)
+    assert table[2] == "Succeeded" and wide[1] == "COMPLETED" and wide[5] == "Succeeded"
 
-    # 3. List runs by status.
+    # 4. List runs by status: the first has completed, the second is in progress.
     listed = run_script("list_runs.py", env)
-    assert f"{name} COMPLETED {inputs.model}" in listed and "0 run(s) in progress" in listed
+    assert f"{name} COMPLETED {inputs.model}" in listed and "1 run(s) in progress" in listed
     assert subprocess.run(kubetune_argv("list", "--statuses", "COMPLETED", "-o", "name"), env=env,
                           capture_output=True, text=True, timeout=60).stdout.split() == [f"trainingrun.kubetune.dev/{name}"]
 
-    # 4. Continue from the last checkpoint: a longer run, seen training from it, then cancelled.
-    latest = kubectl.json("get", "trainingrun", name, "-n", namespace)["status"]["latestCheckpoint"]
-    continued = run_script("continue_from_checkpoint.py", {**env, "RUN_NAME": name, "TRAINING_DURATION": "20ep",
-                                                           "TRAIN_DATA_PATH": inputs.data("ift-long.jsonl")})
-    second = continued.split()[-1]
-    assert f"{latest}\n{second}" in continued  # the run took the checkpoint path as it was
-    spec = kubectl.json("get", "trainingrun", second, "-n", namespace)["spec"]
-    assert spec["customWeightsPath"] == latest
-    cli_second = Started(kubetune_argv("events", second, "-f"), env, tmp_path, "cli-follow-second", started)
+    # 5. The continued run trains (from the checkpoint); cancel it with the tutorial: the CLI
+    # following it sees STOPPED and exits non-zero.
     wait_for(lambda: (kubectl.json("get", "trainingrun", second, "-n", namespace).get("status") or {})
              .get("progress", {}).get("percent", 0) > 0, RUN_TIMEOUT, f"{second} to train from the checkpoint")
 
-    # 5. Cancel it: the tutorial, then the CLI sees STOPPED and exits non-zero.
     cancelled = run_script("cancel_run.py", {**env, "RUN_NAME": second})
     assert f"Cancelled {second} successfully." in cancelled
     assert cancelled.split()[-1] in ("TERMINATING", "STOPPED")

@@ -58,8 +58,11 @@ def test_wide_and_all_namespaces_add_their_columns():
 
 
 def test_json_yaml_and_name_outputs_are_kubectls():
-    one = json.loads(render(RUNS[:1], "json", False, single=True, now=NOW))
+    managed = run_from_resource({**resource("alpha"), "metadata": {**resource("alpha")["metadata"],
+                                                                   "managedFields": [{"manager": "kopf"}]}}, NOW)
+    one = json.loads(render([managed], "json", False, single=True, now=NOW))
     assert one["kind"] == "TrainingRun" and one["metadata"]["name"] == "alpha"
+    assert "managedFields" not in one["metadata"]  # as kubectl, unless asked
     many = yaml.safe_load(render(RUNS, "yaml", False, single=False, now=NOW))
     assert many["kind"] == "List" and [i["metadata"]["name"] for i in many["items"]] == ["alpha", "beta"]
     assert render(RUNS, "name", False, single=False, now=NOW).splitlines() == [
