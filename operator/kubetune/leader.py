@@ -108,10 +108,13 @@ class LeaseElector:
     def acquire(self, stop: threading.Event) -> bool:
         while not stop.is_set():
             if self.try_acquire(create=self.create):
-                log.info("leader election: %s holds lease %s/%s", self.me, self.namespace, self.name)
+                self.announce()
                 return True
             stop.wait(self.retry_s)
         return False
+
+    def announce(self) -> None:
+        log.info("leader election: %s holds lease %s/%s", self.me, self.namespace, self.name)
 
     def release(self) -> None:
         """On a clean shutdown: hand the lease back so a successor need not wait it out."""

@@ -97,7 +97,9 @@ def elect(options: RuntimeOptions, stop: threading.Event, health: Health):
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     elector = LeaseElector(client.CoordinationV1Api(), options.lease_namespace, options.lease_name, identity,
                            create=options.lease_create)
-    if not elector.try_acquire(create=options.lease_create):
+    if elector.try_acquire(create=options.lease_create):
+        elector.announce()
+    else:
         health.standby()  # the Lease was read: ready to take over
         if not elector.acquire(stop):
             return None
