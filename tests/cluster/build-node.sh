@@ -8,7 +8,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 K8S_VERSION=v1.35.4
 COREDNS_VERSION=v1.15.0
 CRICTL_VERSION=v1.37.0
-cache="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/node-${K8S_VERSION}-coredns-${COREDNS_VERSION}-crictl-${CRICTL_VERSION}"
+RECIPE=2   # bump when the build itself changes (flags), so cached binaries are rebuilt
+cache="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/node-${K8S_VERSION}-coredns-${COREDNS_VERSION}-crictl-${CRICTL_VERSION}-r${RECIPE}"
 bin="$cache/bin"
 K8S_CMDS=(kubelet kube-scheduler kube-proxy)
 all=("${K8S_CMDS[@]}" coredns crictl pause)
@@ -25,9 +26,15 @@ for b in coredns crictl; do [[ -x "$work/gobin/$b" ]] && mv "$work/gobin/$b" "$b
 cp -r "$here/k8s" "$work/"
 ( cd "$work/k8s" && go mod tidy -e >&2 || true
   cd "$work/k8s" && go get k8s.io/kubernetes@"$K8S_VERSION" >&2
+  # The version stamps a release build sets (hack/lib/version.sh): Nodes report kubelet v1.35.4.
+  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  stamp=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    stamp+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
   for cmd in "${K8S_CMDS[@]}"; do
     [[ -x "$bin/$cmd" ]] && continue
-    go build -trimpath -ldflags=-s -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" && mv "$bin/$cmd.tmp" "$bin/$cmd"
+    go build -trimpath -ldflags="-s$stamp" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" && mv "$bin/$cmd.tmp" "$bin/$cmd"
   done
   # The pod sandbox's process: upstream's pause.c, static, as the registry.k8s.io/pause image has it.
   src="$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c"

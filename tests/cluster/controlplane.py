@@ -47,7 +47,7 @@ CONTROLLERS = (
 # With real kubelets (node.py) also what they rely on: Service endpoints (CoreDNS, kube-proxy),
 # PV binding and garbage collection of pods whose node went away.
 NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller",
-                    "persistentvolume-binder-controller", "podgc-controller")
+                    "persistentvolume-binder-controller", "pod-garbage-collector-controller")
 
 
 class ControlPlaneError(RuntimeError):

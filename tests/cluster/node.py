@@ -353,7 +353,7 @@ class Nodes:
         healthz = f"{self.network.node_ip(0)}:{free_port()}"
         argv = [str(self.bin_dir / "kube-proxy"), f"--kubeconfig={kubeconfig}", "--proxy-mode=iptables",
                 f"--hostname-override={self.nodes[0].name}", f"--cluster-cidr={self.network.cluster_cidr}",
-                f"--healthz-bind-address={healthz}", "--metrics-bind-address=127.0.0.1:0",
+                f"--healthz-bind-address={healthz}", f"--metrics-bind-address=127.0.0.1:{free_port()}",
                 "--conntrack-max-per-core=0", "--v=1"]
         ready = lambda: http_get(f"http://{healthz}/healthz")[0] == 200  # noqa: E731
         self.proxy = self._start(self._component("kube-proxy", argv, ready), timeout)
