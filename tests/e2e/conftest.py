@@ -134,7 +134,8 @@ def operator_env(kubeconfig: Path, site: Site, metrics_port: int) -> dict:
         **site.operator_env(),
         "KUBECONFIG": str(kubeconfig),
         "POD_NAMESPACE": OPERATOR_NAMESPACE,
-        "KUBETUNE_RECONCILE_INTERVAL": "1",
+        "KUBETUNE_RECONCILE_INTERVAL": "1",  # resync (changes wake a run at once anyway)
+        "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",  # the tests wait on live checkpoints
         "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
         "PYTHONUNBUFFERED": "1",
     }
