@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from composer.core import Callback
@@ -11,23 +14,25 @@ from kubetune_trainer.train.dataset import open_prepared
 
 
 class Recorder(Callback):
-    """The LR each batch trains with, and the token count after each batch."""
+    """The LR each batch trains with, the token count and the reported percent after each batch."""
 
-    def __init__(self):
-        self.lrs, self.tokens, self.batches = [], [], 0
+    def __init__(self, progress_file: str):
+        self.progress_file = Path(progress_file)
+        self.lrs, self.tokens, self.percents, self.batches = [], [], [], 0
 
     def batch_start(self, state, logger):
         self.lrs.append(state.optimizers[0].param_groups[0]["lr"])
 
-    def batch_end(self, state, logger):
+    def batch_end(self, state, logger):  # runs after the trainer's own progress callback
         self.tokens.append(int(state.timestamp.token))
+        self.percents.append(json.loads(self.progress_file.read_text())["percent"])
 
     def fit_end(self, state, logger):
         self.batches = int(state.timestamp.batch)
 
 
 def train(config) -> Recorder:
-    recorder = Recorder()
+    recorder = Recorder(config.progress_file)
     run_train(config, callbacks=[recorder])
     return recorder
 
@@ -40,11 +45,13 @@ def test_batches(make_config):
     assert train(make_config(training_duration="6ba")).batches == 6
 
 
-def test_epochs_cover_every_real_token_once_per_epoch(make_config):
+def test_epochs_cover_every_real_token_once_per_epoch_and_progress_follows_batches(make_config):
     config = make_config(training_duration="2ep")
     recorder = train(config)
     assert recorder.batches == 8  # 16 rows, 4 per batch
     assert recorder.tokens[-1] == 2 * real_tokens(config)  # the dataloader reports tokens, padding excluded
+    # Composer counts epochs whole (0 until the first ends); the report counts batches.
+    assert recorder.percents == [12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0]
 
 
 def test_tokens_stop_at_the_first_batch_reaching_the_budget(make_config):

@@ -1,8 +1,10 @@
 """Autoresume: a restarted run continues from its latest checkpoint, in the same MLflow run,
-and ends with the weights an uninterrupted run reaches."""
+and ends with the weights an uninterrupted run reaches; past a checkpoint cut short, from the
+one before it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from composer.core import Callback
 
+from kubetune_trainer import checkpoints
 from kubetune_trainer.train import run_train
 
 from .conftest import config_factory
@@ -59,3 +62,21 @@ def test_restart_continues_from_the_latest_checkpoint(make_config, tmp_path, tin
     assert straight.start_batch == 0
     for name, tensor in straight.weights.items():
         torch.testing.assert_close(resumed.weights[name], tensor, msg=name)
+
+
+def test_an_unreadable_latest_checkpoint_is_passed_over_for_the_one_before(make_config):
+    config = make_config(training_duration="4ba", save_interval="2ba")
+    run_train(config)
+    folder = Path(config.checkpoint_dir)
+    latest = folder / "ep0-ba4-rank0.pt"
+    assert os.readlink(folder / "latest-rank0.pt") == latest.name
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a save cut short
+
+    resumed = Watch()
+    result = run_train(config, callbacks=[resumed])
+    assert resumed.start_batch == 2 and resumed.end_batch == 4
+    note = result["resumeNote"]
+    assert note.startswith("checkpoint ep0-ba4-rank0.pt unreadable") and note.endswith("resumed from ep0-ba2-rank0.pt")
+    progress = json.loads(Path(config.progress_file).read_text())
+    assert progress["resumeNote"] == note and progress["latestCheckpoint"] == str(latest)
+    assert checkpoints.defect(latest) is None  # saved again, whole this time
