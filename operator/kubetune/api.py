@@ -218,6 +218,15 @@ class _Api(BaseModel):
         use_attribute_docstrings=True,
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        """As the API server prunes it: a known field set to null (YAML's `key:`) is left out."""
+        if not isinstance(data, dict):
+            return data
+        known = {field.alias or name for name, field in cls.model_fields.items()}
+        return {key: value for key, value in data.items() if value is not None or key not in known}
+
 
 class _Spec(_Api):
     # Strict as the CRD's schema: `"4"` is not an integer, `"true"` not a boolean. Enum fields
@@ -836,19 +845,10 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _without_nulls(value: Any) -> Any:
-    """What the API server stores: a `key: null` (YAML's `key:`) is pruned, so it means absent."""
-    if isinstance(value, dict):
-        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_without_nulls(item) for item in value]
-    return value
-
-
 def parse_training_run(body: Mapping[str, Any]) -> TrainingRun:
     """A TrainingRun from its Kubernetes body; SpecError naming every bad field otherwise."""
     try:
-        return TrainingRun.model_validate(_without_nulls(plain(body)), by_alias=True, by_name=False)
+        return TrainingRun.model_validate(plain(body), by_alias=True, by_name=False)
     except ValidationError as error:
         raise SpecError.from_validation_error(error) from None
 
@@ -856,6 +856,6 @@ def parse_training_run(body: Mapping[str, Any]) -> TrainingRun:
 def parse_spec(spec: Mapping[str, Any]) -> TrainingRunSpec:
     """Just the spec (the SDK builds one before the resource exists); errors say `spec.<field>`."""
     try:
-        return TrainingRunSpec.model_validate(_without_nulls(plain(spec)), by_alias=True, by_name=False)
+        return TrainingRunSpec.model_validate(plain(spec), by_alias=True, by_name=False)
     except ValidationError as error:
         raise SpecError.from_validation_error(error, prefix=("spec",)) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,14 @@ EXIT_OK, EXIT_INVALID, EXIT_FAILED = 0, 1, 1
 MAX_RUN_FILE_BYTES = 1024 * 1024
 
 
+class KubernetesYamlLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it: `1e-5` is a number there (YAML 1.2), a string to PyYAML (1.1)."""
+
+
+KubernetesYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 class CliError(Exception):
     """A problem to print as is, with the exit code to leave with."""
 
@@ -33,7 +42,7 @@ class CliError(Exception):
 def load_document(path: str) -> dict[str, Any]:
     text = read_run_file(path)
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in yaml.load_all(text, Loader=KubernetesYamlLoader) if d is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -29,7 +29,7 @@ CORPUS = [case for case in yaml.safe_load(CASES.read_text()) if "status" not in 
 
 def spec_of(inputs: Inputs, **extra) -> dict:
     return {"model": inputs.model, "trainDataPath": inputs.data("ift.jsonl"), "registerTo": "main.e2e.bad_input",
-            "trainingDuration": "1ep", "learningRate": 1e-3, "contextLength": 128, "globalBatchSize": 8, **extra}
+            "trainingDuration": "1ba", "learningRate": 1e-3, "contextLength": 128, "globalBatchSize": 8, **extra}
 
 
 def canary_secrets(namespace: str) -> list[dict]:
@@ -49,7 +49,8 @@ def leaf(field: str) -> str:
 def refusal(kubectl, namespace: str, index: int, case: dict) -> tuple[str, int, str]:
     name = (case.get("metadata") or {}).get("name") or f"bad-{index}"
     obj = {**trainingrun(name, case["spec"]), "metadata": {"name": name, "namespace": namespace}}
-    result = kubectl("apply", "-f", "-", input=yaml.safe_dump(obj), check=False)
+    # JSON, not YAML: the types sent are exactly the corpus's (YAML dialects differ on `1e-5`)
+    result = kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
     return case["name"], result.returncode, result.stderr
 
 

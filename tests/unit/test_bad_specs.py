@@ -89,6 +89,12 @@ def test_local_mode_judges_the_paths_as_written_not_as_resolved(tmp_path, capsys
     assert "spec.trainDataPath: must not contain '..' segments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,value", [("1e-5", 1e-5), ("2E-4", 2e-4), ("1.0e-5", 1e-5), ("'1e-5'", "1e-5")])
+def test_run_files_are_read_as_kubectl_reads_them(text, value, tmp_path) -> None:
+    path = write(tmp_path, f"kind: TrainingRun\nspec: {{learningRate: {text}}}\n")
+    assert cli.load_document(path)["spec"]["learningRate"] == value
+
+
 # --- Messages found by trying it as a new user would ----------------------------------------
 
 
