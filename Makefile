@@ -45,7 +45,10 @@ cluster: setup control-plane node
 cluster-down: setup
 	@$(PY) -m tests.cluster.kubelet_cluster down
 
-test: setup control-plane
+# Real nodes for the e2e tests when KUBETUNE_E2E_NODE=kubelet (else the node agent).
+NODE_PREREQ := $(if $(filter kubelet,$(KUBETUNE_E2E_NODE)),node,)
+
+test: setup control-plane $(NODE_PREREQ)
 	$(VENV)/bin/lint-imports --config pyproject.toml
 	$(PY) -m kubetune.crdgen --check
 	$(PYTEST) -q -ra --durations=15 tests
@@ -56,7 +59,7 @@ test-unit: setup
 test-trainer: setup
 	$(PYTEST) -q tests/trainer
 
-test-e2e: setup control-plane
+test-e2e: setup control-plane $(NODE_PREREQ)
 	$(PYTEST) -q -ra tests/e2e tests/cluster
 
 crds: setup
