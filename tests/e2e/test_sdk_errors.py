@@ -1,7 +1,8 @@
 """Each error a user can cause against a real API server reaches them as its own documented type,
 never as an ApiException: a ServiceAccount that lacks rights, credentials the server rejects, a
 resource group the server does not serve, a run that does not exist, a name taken twice. The CLI
-leaves each with its documented exit code. (No operator runs: none of this needs one.)"""
+leaves each with its documented exit code. Also: in a pod without a kubeconfig, the SDK talks with
+its ServiceAccount in its namespace. (No operator runs: none of this needs one.)"""
 
 from __future__ import annotations
 
@@ -118,3 +119,38 @@ def test_a_name_taken_twice_is_invalid_arguments_and_the_first_run_is_untouched(
     assert fm.delete("taken") == 1
     with pytest.raises(fm.InvalidArgumentsError, match="either the run"):
         fm.cancel()
+
+
+def test_in_a_pod_without_kubeconfig_the_service_account_and_its_namespace_are_used(
+        crd, cluster, kubectl, namespace, tmp_path, monkeypatch):
+    """The pod's view, as the kubelet mounts it: token, CA and namespace in the ServiceAccount folder
+    (here a folder of this machine, named by KUBETUNE_SERVICE_ACCOUNT_DIR) and the service's address."""
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == cluster.context)["context"]
+    server = next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"]
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    kubectl("create", "serviceaccount", "pipeline", "-n", namespace)
+    kubectl("create", "role", "runs-reader", "--verb=get,list,watch", "--resource=trainingruns.kubetune.dev",
+            "-n", namespace)
+    kubectl("create", "rolebinding", "pipeline-reads-runs", "--role=runs-reader", "--serviceaccount",
+            f"{namespace}:pipeline", "-n", namespace)
+    (account / "token").write_text(kubectl("create", "token", "pipeline", "-n", namespace).stdout.strip())
+    (account / "namespace").write_text(namespace)
+    if server.get("certificate-authority-data"):
+        import base64
+
+        (account / "ca.crt").write_bytes(base64.b64decode(server["certificate-authority-data"]))
+    else:
+        (account / "ca.crt").write_text(Path(server["certificate-authority"]).read_text())
+    host, port = server["server"].removeprefix("https://").rsplit(":", 1)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("KUBETUNE_SERVICE_ACCOUNT_DIR", str(account))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "seen-from-a-pod"},
+        "spec": {"model": SPEC["model"], "trainDataPath": SPEC["train_data_path"], "registerTo": "main.ml"}}))
+    assert [run.name for run in fm.list()] == ["seen-from-a-pod"]  # the pod's namespace, its rights
+    with pytest.raises(fm.PermissionDeniedError, match=f"serviceaccount:{namespace}:pipeline"):
+        fm.cancel("seen-from-a-pod")  # it may read runs, not patch them

@@ -17,6 +17,7 @@ from typing import Any
 
 import urllib3
 from kubernetes import client, config, watch
+from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, PLURAL, VERSION
@@ -29,7 +30,7 @@ from .errors import (
     RunNotFoundError,
 )
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 REQUEST_TIMEOUT = (10, 60)  # seconds: connect, read
 WATCH_SECONDS = 300  # the server ends a watch after this; it is then resumed where it was
 USER_VERBS = "get, list, watch, create, patch and delete"
@@ -55,23 +56,31 @@ def connect(namespace: str | None = None, *, group: str = GROUP, version: str = 
         default_namespace = active.get("context", {}).get("namespace") or "default"
         source = f"kubeconfig context {active.get('name')!r}"
     except (config.ConfigException, FileNotFoundError, OSError) as kubeconfig_error:
+        account = service_account_dir()
         try:
-            config.load_incluster_config(client_configuration=configuration)
+            InClusterConfigLoader(token_filename=str(account / "token"),
+                                  cert_filename=str(account / "ca.crt")).load_and_set(configuration)
         except config.ConfigException:
             raise NoClusterError(
                 f"no Kubernetes cluster configured ({kubeconfig_error}): point KUBECONFIG at a kubeconfig"
                 " file (or create ~/.kube/config, e.g. with your cloud's `get-credentials` command), or run"
                 " inside a pod") from None
-        default_namespace = _pod_namespace()
+        default_namespace = _pod_namespace(account)
         source = "in-cluster ServiceAccount"
     configuration.retries = urllib3.Retry(total=2, connect=2, read=0, status=0, backoff_factor=0.2)
     target = Target(configuration.host, namespace or default_namespace, source)
     return Runs(client.ApiClient(configuration), target, group, version)
 
 
-def _pod_namespace() -> str:
+def service_account_dir() -> Path:
+    """The pod's ServiceAccount folder; KUBETUNE_SERVICE_ACCOUNT_DIR names another where a runtime
+    mounts it elsewhere, as for the operator (kubetune.k8s.main)."""
+    return Path(os.environ.get("KUBETUNE_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR)
+
+
+def _pod_namespace(account: Path) -> str:
     try:
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+        return (account / "namespace").read_text().strip() or "default"
     except OSError:
         return "default"
 
