@@ -3,7 +3,7 @@
     with FaultyProxy("127.0.0.1", 5000) as proxy: ...          # plain TCP, proxy.url
     proxy.down(); proxy.up()                                  # refuse connections, then serve again
 
-With `faults` it speaks HTTP/1.1 (over TLS when given `server_tls`/`upstream_tls`), one request
+With `faults` (or `on_request`) it speaks HTTP/1.1 (over TLS when given `server_tls`/`upstream_tls`), one request
 per connection (it asks both ends for `Connection: close`), and answers a seeded share of the
 requests itself: 429 with `Retry-After`, 500 before the request reaches the server, or 500
 after it did (the reply lost: the client must not apply a write twice), and it cuts watch
@@ -164,7 +164,7 @@ class FaultyProxy:
         task = asyncio.current_task()
         self._connections.add(task)
         try:
-            if self.faults is None:
+            if self.faults is None and self.on_request is None:
                 await self._forward_raw(reader, writer)
             else:
                 await self._serve_http(reader, writer)
@@ -218,7 +218,8 @@ class FaultyProxy:
         if fate == "drop":  # the hook says: the connection breaks before the request goes on
             self.counts["dropped"] += 1
             return
-        fate = self._choose(request) if request.length is not None or not request.is_write else "forward"
+        choosable = self.faults is not None and (request.length is not None or not request.is_write)
+        fate = self._choose(request) if choosable else "forward"
         if fate in ("throttle", "error"):
             if request.length:
                 await reader.readexactly(request.length)
@@ -239,7 +240,7 @@ class FaultyProxy:
                 await writer.drain()
                 return
             piping = _pipe_both(reader, writer, up_reader, up_writer)
-            if request.is_watch and self.faults.watch_cut:
+            if request.is_watch and self.faults and self.faults.watch_cut:
                 try:
                     await asyncio.wait_for(piping, self._rng.uniform(*self.faults.watch_cut))
                 except asyncio.TimeoutError:

@@ -7,7 +7,13 @@ subfolder is the plain Hugging Face folder, which `transformers` loads as is onc
 `registeredModel.artifactUri` points there.
 
 `create_model_version` adds a version on every call, so the version tagged with this run's uid is
-looked up first: a retried finalize returns it instead of registering a second one.
+looked up first: a retried finalize returns it instead of registering a second one. A create
+whose reply was lost can still land twice (the HTTP client retries it), so after creating, any
+younger version of the same run is deleted: one run, one version.
+
+A tracking server that is down or answers 5xx is waited for, with exponential backoff, for
+`KUBETUNE_REGISTER_RETRY_SECONDS` (a restart or a short outage passes unnoticed); after that
+the step fails as `MLflowUnavailable` (retryable: the finalize Job tries again).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .config import RunConfig
 from .convert import MARKER
@@ -35,11 +41,15 @@ MODEL_ARTIFACT = "model"  # the MLflow model in the run's artifacts
 HF_SUBFOLDER = "model"  # where mlflow.transformers keeps the checkpoint's files inside it
 # catalog.schema.name, each part an identifier (Unity Catalog's rule, kept for OSS MLflow too).
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*(\.[A-Za-z0-9_][A-Za-z0-9_-]*){2}")
-# The client retries each request (urllib3, exponential backoff); the step itself is retried by
-# the operator, so a down server should fail the attempt within seconds, not minutes.
+# The client retries each request a little (urllib3, exponential backoff); longer outages are
+# waited out by `with_retries`, which also tells them in the log.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+RETRY_SECONDS_VARIABLE = "KUBETUNE_REGISTER_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+FIRST_RETRY_DELAY, MAX_RETRY_DELAY = 2.0, 30.0
+UNAVAILABLE = "MLflowUnavailable"
 # MLflow error codes that say the request itself is wrong: retrying cannot help.
 PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED",
                    "UNAUTHENTICATED", "INVALID_STATE"}
@@ -51,17 +61,53 @@ def run_register(config: RunConfig) -> dict:
     for variable, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(variable, value)
     started = time.monotonic()
+    result = with_retries(lambda: register_once(config, name, hf_dir), retry_seconds())
+    write_json(Path(config.result_dir) / "register.json", result)
+    log.info("registered %s version %s in %.1fs", name, result["registeredModel"]["version"],
+             time.monotonic() - started)
+    return result
+
+
+def register_once(config: RunConfig, name: str, hf_dir: Path) -> dict:
     with mlflow_errors(tracking_uri(config)):
         client = mlflow_client(config)
         version = find_version(client, name, config.run_uid)
         if version is None:
-            version = create_version(client, config, name, hf_dir)
+            created = create_version(client, config, name, hf_dir)
+            version = find_version(client, name, config.run_uid) or created
         else:
             log.info("run %s is already registered as %s version %s", config.run_uid, name, version.version)
-        result = describe(client, version)
-    write_json(Path(config.result_dir) / "register.json", result)
-    log.info("registered %s version %s in %.1fs", name, version.version, time.monotonic() - started)
-    return result
+        return describe(client, version)
+
+
+def retry_seconds() -> float:
+    raw = os.environ.get(RETRY_SECONDS_VARIABLE, "")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise UserError(f"{RETRY_SECONDS_VARIABLE}={raw!r} is not a number of seconds",
+                        "InvalidConfig") from None
+
+
+def with_retries(operation: Callable[[], dict], budget_s: float, *,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> dict:
+    """`operation()`, tried again with exponential backoff while MLflow is unavailable, for up
+    to `budget_s`; then its last error, saying how long it was tried."""
+    deadline, delay, attempt = clock() + budget_s, FIRST_RETRY_DELAY, 1
+    while True:
+        try:
+            return operation()
+        except TransientError as error:
+            left = deadline - clock()
+            if left <= 0:
+                raise TransientError(f"{error.message} (still failing after {attempt} attempts "
+                                     f"in {budget_s:g}s)", error.reason) from error
+            wait = min(delay, left)
+            attempt += 1
+            log.warning("%s; retrying in %.0fs (attempt %d)", error.message, wait, attempt)
+            sleep(wait)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -119,10 +165,9 @@ def mlflow_errors(uri: str) -> Iterator[None]:
         message = f"MLflow at {uri}: {_first_line(error.message)}"
         if error.error_code in PERMANENT_CODES:
             raise UserError(message, "RegistrationRejected") from error
-        raise TransientError(message, "TrackingServerUnavailable") from error
+        raise TransientError(message, UNAVAILABLE) from error
     except (requests.RequestException, OSError) as error:
-        raise TransientError(f"MLflow at {uri}: {_first_line(str(error))}",
-                             "TrackingServerUnavailable") from error
+        raise TransientError(f"MLflow at {uri}: {_first_line(str(error))}", UNAVAILABLE) from error
 
 
 def _first_line(text: str) -> str:
@@ -132,9 +177,15 @@ def _first_line(text: str) -> str:
 # --- the registry -----------------------------------------------------------------------------
 
 def find_version(client, name: str, run_uid: str):
-    """The version this run registered before, if any (the oldest, should a race have made two)."""
+    """The version this run registered, if any: the oldest; younger ones (a retried create, a
+    race of two finalize pods) are deleted."""
     found = client.search_model_versions(f"name = '{name}' and tags.`{RUN_UID_TAG}` = '{run_uid}'")
-    return min(found, key=lambda version: int(version.version)) if found else None
+    found = sorted(found, key=lambda version: int(version.version))
+    for duplicate in found[1:]:
+        log.warning("deleting %s version %s: run %s is already version %s", name, duplicate.version,
+                    run_uid, found[0].version)
+        client.delete_model_version(name, duplicate.version)
+    return found[0] if found else None
 
 
 def create_version(client, config: RunConfig, name: str, hf_dir: Path):
