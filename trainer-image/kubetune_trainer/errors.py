@@ -66,16 +66,17 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
 
 
-def storage_full(error: BaseException, folder: str) -> StorageFull | None:
-    """A StorageFull naming `folder`, if `error` (or what caused it) is a full disk there."""
+def storage_full(error: BaseException, folder: str, shown_as: str | None = None) -> StorageFull | None:
+    """A StorageFull naming `folder` (or `shown_as`), if `error` or its cause is a full disk there."""
     seen: BaseException | None = error
     while seen is not None:
         no_space = isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS
         torch_write = isinstance(seen, RuntimeError) and any(m in str(seen) for m in TORCH_WRITE_FAILED)
         if no_space or (torch_write and _nearly_full(folder)):
-            return StorageFull(f"no space left on the storage of {folder} while saving a checkpoint: "
-                               "the checkpoints saved before are kept; free space or enlarge the volume, "
-                               "then run again and it resumes from the newest whole checkpoint")
+            cause = seen.strerror if no_space else "a checkpoint write failed"
+            return StorageFull(f"no space left on the storage of {shown_as or folder} ({cause}); the "
+                               "checkpoints saved before are kept: free space or enlarge the volume, then "
+                               "run again to resume from the newest whole checkpoint")
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -183,7 +183,8 @@ def run_train(config: RunConfig, *, callbacks: Sequence[Callback] = ()) -> dict[
         assembly.trainer.close()
         if assembly.mlflow_ids[MLFLOW_RUN_ID]:
             mark_failed(assembly.mlflow_ids[MLFLOW_RUN_ID], tracking_uri(config))
-        full = storage_full(error, config.checkpoint_dir)
+        staging = config.remote_work_dir and f"the local staging copy of {config.remote_work_dir}"
+        full = storage_full(error, config.work_dir, staging or None)
         if full is not None:
             raise full from error
         raise
