@@ -14,5 +14,6 @@ for event in events:
     print(event.type, event.time, event.message)
 
 run = run.refresh()
+print("last event:", run.get_events()[-1])
 print(f"{run.name} ended {run.status}; registered to {run.register_to}")
 sys.exit(0 if run.status == fm.RunStatus.COMPLETED else 1)

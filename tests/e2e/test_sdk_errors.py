@@ -110,12 +110,18 @@ def test_a_missing_run_is_run_not_found_for_every_function_and_verb(
 
 def test_a_name_taken_twice_is_invalid_arguments_and_the_first_run_is_untouched(
         crd, cluster, kubectl, namespace, tmp_path, monkeypatch):
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig_for(cluster, kubectl, tmp_path, namespace, None)))
+    kubeconfig = kubeconfig_for(cluster, kubectl, tmp_path, namespace, None)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     first = fm.create(**SPEC, name="taken", training_duration="2ep")
     assert (first.name, first.namespace, first.status) == ("taken", namespace, fm.RunStatus.PENDING)
     with pytest.raises(fm.InvalidArgumentsError, match="already exists"):
         fm.create(**SPEC, name="taken")
     assert fm.get("taken").training_duration == "2ep"
+    run_file = tmp_path / "taken.yaml"
+    run_file.write_text(yaml.safe_dump({"apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun",
+                                        "metadata": {"name": "taken", "namespace": namespace}, "spec": {}}))
+    shown = kubetune(kubeconfig, "get", "-f", str(run_file), "-o", "name")
+    assert shown.returncode == 0 and shown.stdout.split() == ["trainingrun.kubetune.dev/taken"], shown.stderr
     assert fm.delete("taken") == 1
     with pytest.raises(fm.InvalidArgumentsError, match="either the run"):
         fm.cancel()

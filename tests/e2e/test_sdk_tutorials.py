@@ -150,6 +150,7 @@ def test_the_services_tutorials_run_unchanged_and_sdk_cli_and_kubectl_agree(
     for event in ("CREATED", "TRAIN_STARTED", "TRAIN_FINISHED", "REGISTERED", "COMPLETED"):
         assert f" {event} " in followed, followed
     assert f"{name} ended COMPLETED" in followed
+    assert " COMPLETED " in next(line for line in followed.splitlines() if line.startswith("last event:"))
     code, cli_out = cli_follow.wait(60)
     assert code == 0, cli_out
     assert "tok/s" in cli_out and "loss" in cli_out and "ETA" in cli_out, cli_out  # the progress bar
