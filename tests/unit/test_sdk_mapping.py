@@ -18,7 +18,6 @@ from kubetune.foundation_model.spec import build_resource, run_name
 from kubetune.foundation_model.types import (
     CANCEL_ANNOTATION,
     RunStatus,
-    phases_for,
     run_from_resource,
     status_from_phase,
 )
@@ -71,11 +70,6 @@ def test_terminal_statuses_and_order_are_the_services():
     assert RunStatus.from_string("running") is RunStatus.RUNNING
     assert RunStatus.from_string("nonsense") is RunStatus.UNKNOWN
     assert str(RunStatus.FAILED) == "FAILED" and RunStatus.RUNNING.display_name == "Running"
-
-
-def test_phases_for_statuses_covers_exactly_those_statuses():
-    assert phases_for([RunStatus.RUNNING]) == {"Training", "Registering"}
-    assert phases_for([RunStatus.COMPLETED, RunStatus.STOPPED]) == {"Succeeded", "Cancelled"}
 
 
 # --- the run object ----------------------------------------------------------------------------

@@ -122,11 +122,6 @@ def status_from_phase(phase: str | None, stopping: bool = False) -> RunStatus:
     return RunStatus.TERMINATING if stopping and not status.is_terminal() else status
 
 
-def phases_for(statuses: builtins.list[RunStatus]) -> set[str]:
-    """The phases that show as any of `statuses` (TERMINATING is a run being stopped, any phase)."""
-    return {phase.value for phase, status in _BY_PHASE.items() if status in statuses}
-
-
 def seconds_to_str(seconds: float) -> str:
     """A duration as the service wrote ETAs: 45s, 12min, 3hr, 2d."""
     if seconds < 60:
