@@ -402,8 +402,14 @@ def containerd_seed(tags: dict[str, str], timeout: float = 60.0) -> Path:
     seed = binaries.cache_root() / f"containerd-seed-{key}"
     if (seed / "complete").exists():
         return seed / "root"
+    # Start from the last seed: layers it holds (the trainer's dependencies) are not unpacked again.
+    older = [p for p in binaries.cache_root().glob("containerd-seed-*") if (p / "complete").exists()]
+    shutil.rmtree(seed, ignore_errors=True)
+    if older:
+        clone_root(older[0] / "root", seed / "root")
     for old in binaries.cache_root().glob("containerd-seed-*"):   # the disk is precious
-        shutil.rmtree(old, ignore_errors=True)
+        if old != seed:
+            shutil.rmtree(old, ignore_errors=True)
     state = Path(tempfile.mkdtemp(prefix="kt-seed-"))
     socket = state / "c.sock"
     config = state / "config.toml"
