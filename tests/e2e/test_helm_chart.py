@@ -250,7 +250,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         assert wait_for(lambda: leaders(first, metrics_port), 60, "the operator to lead") == \
             [first[0]["metadata"]["name"]]
         assert probe(first[0], metrics_port, "/healthz") == 200
-        assert probe(first[0], metrics_port, "/readyz") == 200
+        wait_for(lambda: probe(first[0], metrics_port, "/readyz") == 200, 60, "the leader's kopf to start")
         assert kubectl.json("get", "lease", LEASE, "-n", operator_ns)["spec"]["holderIdentity"]
 
         # --- a run, long enough to upgrade the operator under it ---------------------------------
@@ -309,7 +309,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         prometheus.stop()
         logs = "\n".join(cluster.pod_logs(operator_ns, p["metadata"]["name"])[-3000:]
                          for p in operator_pods(kubectl, operator_ns)) if cluster.local else ""
-        (tmp_path / "operator-pods.log").write_text(logs)
+        print(f"--- operator pods' logs:\n{logs}")  # shown when the test fails
 
     # --- uninstall: the CRD and the runs stay, nothing else -------------------------------------
     run_helm("uninstall", RELEASE, "--wait", "--timeout", "120s")

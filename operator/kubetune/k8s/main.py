@@ -74,6 +74,23 @@ def load_kube_config() -> None:
         config.load_kube_config()
 
 
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials from the client config `load_kube_config` made (kopf's own client login
+    re-reads the token from the standard path only, missing KUBETUNE_SERVICE_ACCOUNT_DIR)."""
+    from kubernetes import client
+
+    load_kube_config()  # again: kopf logs in anew when a token expires
+    config = client.Configuration.get_default_copy()
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").partition(" ")
+    if not token:
+        scheme, token = None, scheme or None
+    return kopf.ConnectionInfo(server=config.host, ca_path=config.ssl_ca_cert, insecure=not config.verify_ssl,
+                               username=config.username or None, password=config.password or None,
+                               scheme=scheme, token=token, certificate_path=config.cert_file,
+                               private_key_path=config.key_file, trust_env=settings.networking.trust_env)
+
+
 def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Keep kopf's bookkeeping out of .status (which is ours and schema-checked) and sessions
     # short so an API-server restart is noticed within seconds.
@@ -142,6 +159,7 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
                                          kopf_stop.set()),
                          daemon=True).start()
     kopf.on.startup()(configure_kopf)
+    kopf.on.login(id="kubetune-login")(login)
     kopf.on.startup(id="kubetune-health")(lambda **_: health.started())
     handlers.register(settings, options.interval)
     api_client = client_with_pool(options.workers)
