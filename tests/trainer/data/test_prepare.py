@@ -131,7 +131,7 @@ def test_bad_records_fail_with_file_line_rule_capped(make_config):
     assert str(failure.value).splitlines() == [
         "7 invalid record(s); first 3:",
         f"  {path}:2: invalid JSON: Expecting value (column 39)",
-        f"  {path}:3: missing key 'response' (or 'completion')",
+        f"  {path}:3: missing key 'response' (or 'completion') (it has 'prompt')",
         f"  {path}:4: 'prompt' must be a string, got int",
     ]
     assert not Path(config.data_dir).exists()

@@ -29,9 +29,10 @@ def test_prompt_response_and_prompt_completion_are_accepted():
 
 
 @pytest.mark.parametrize("value, message", [
-    (["a"], "record must be a JSON object, got list"),
-    ({"response": "r"}, "missing key 'prompt'"),
-    ({"prompt": "p"}, "missing key 'response' (or 'completion')"),
+    (["a"], "record must be a JSON object, got a JSON array (JSONL holds one object per line: "
+            "jq -c '.[]' FILE.json > FILE.jsonl)"),
+    ({"response": "r"}, "missing key 'prompt' (it has 'response')"),
+    ({"prompt": "p", "respones": "r"}, "missing key 'response' (or 'completion') (it has 'prompt', 'respones')"),
     ({"prompt": "p", "response": "r", "completion": "c"}, "has both 'response' and 'completion' (give one)"),
     ({"prompt": 3, "response": "r"}, "'prompt' must be a string, got int"),
     ({"prompt": "p", "completion": None}, "'completion' must be a string, got null"),
@@ -51,7 +52,7 @@ def test_conversations_with_and_without_system_are_accepted():
 
 @pytest.mark.parametrize("value, message", [
     ("hi", "record must be a JSON object, got str"),
-    ({"conversation": []}, "missing key 'messages'"),
+    ({"conversation": []}, "missing key 'messages' (it has 'conversation')"),
     ({"messages": "hi"}, "'messages' must be a list, got str"),
     ({"messages": []}, "'messages' is empty"),
     ({"messages": ["hi", turn("assistant")]}, "message 1 must be an object with 'role' and 'content', got str"),
@@ -80,7 +81,7 @@ def test_text_rules():
     assert validate(CPT, Record(HERE, "some text")) == Text("some text")
     assert validate(CPT, Record(HERE, {"text": "a row"})) == Text("a row")
     assert rule(CPT, " \n") == "text is empty"
-    assert rule(CPT, {"body": "x"}) == "missing key 'text'"
+    assert rule(CPT, {"body": "x"}) == "missing key 'text' (it has 'body')"
     assert rule(CPT, {"text": 5}) == "text must be a string, got int"
 
 

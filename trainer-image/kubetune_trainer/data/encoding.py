@@ -61,10 +61,6 @@ def backend(tokenizer: Any) -> Any:
     return tokenizer.backend_tokenizer
 
 
-def with_eos(ids: list[int], eos_id: int | None) -> list[int]:
-    return ids + [eos_id] if eos_id is not None and (not ids or ids[-1] != eos_id) else ids
-
-
 def positions(lengths: np.ndarray) -> np.ndarray:
     """Each token's position inside its sample, for flat arrays of samples of `lengths`."""
     total = int(lengths.sum())
@@ -85,9 +81,12 @@ def encode_prompt_responses(tokenizer: Any, examples: Sequence[PromptResponse]) 
     eos = tokenizer.eos_token_id
     prompt_lengths, id_lists = [], []
     for prompt, response in zip(prompts, responses):
-        prompt_ids = prompt.ids
-        prompt_lengths.append(len(prompt_ids))
-        id_lists.append(prompt_ids + with_eos(response.ids, eos))
+        ids = prompt.ids
+        prompt_lengths.append(len(ids))
+        ids += response.ids  # in place: these lists are long, copies cost
+        if eos is not None and (len(ids) == prompt_lengths[-1] or ids[-1] != eos):
+            ids.append(eos)
+        id_lists.append(ids)
     ids, lengths = flat(id_lists)
     mask = positions(lengths) >= np.repeat(np.asarray(prompt_lengths, dtype=np.int64), lengths)
     return Encoded(ids, mask, lengths, {})
@@ -96,7 +95,11 @@ def encode_prompt_responses(tokenizer: Any, examples: Sequence[PromptResponse]) 
 def encode_texts(tokenizer: Any, examples: Sequence[Text]) -> Encoded:
     encoded = backend(tokenizer).encode_batch_fast([example.text for example in examples], add_special_tokens=True)
     eos = tokenizer.eos_token_id
-    ids, lengths = flat([with_eos(item.ids, eos) for item in encoded])
+    id_lists = [item.ids for item in encoded]
+    for ids in id_lists:
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+    ids, lengths = flat(id_lists)
     return Encoded(ids, np.ones(len(ids), dtype=bool), lengths, {})
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from ..config import DEFAULT_MAX_CONTEXT, RunConfig, TaskType
 from ..errors import TransientError, UserError
+from .hub import cache_folder, offline_reason, relative_note
+
+log = logging.getLogger(__name__)
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 UNSET_MODEL_MAX = 10**6  # transformers' stand-in for "unknown" is ~1e30
@@ -17,24 +21,37 @@ def names_a_folder(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
-def load_failure(model: str, what: str, error: Exception) -> Exception:
+def load_failure(model: str, what: str, error: Exception, offline: str | None = None) -> Exception:
     """A local folder or an unknown hub id is the user's mistake; anything else may be the network."""
     if names_a_folder(model) and not os.path.exists(model):
-        return UserError(f"model {model}: no such folder (give a Hugging Face hub id, org/name, or "
-                         f"the path of a model folder the pods mount)", "ModelNotFound")
+        return UserError(f"model {model}: no such folder{relative_note(model)} (give a Hugging Face hub "
+                         f"id, org/name, or the path of a model folder the pods mount)", "ModelNotFound")
+    if offline and not os.path.exists(model):
+        return UserError(f"model {model}: no such local folder{relative_note(model)}, and not in the Hugging "
+                         f"Face cache ({cache_folder()}) while {offline}: give the path of a model folder the "
+                         f"pods mount, or fill the cache (huggingface-cli download {model}) where the hub is "
+                         f"reachable", "ModelNotFound")
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if os.path.exists(model) or "not a valid model identifier" in text or "does not appear to have" in text:
         return UserError(f"model {model}: cannot load its {what}: {text}")
     return TransientError(f"model {model}: cannot load its {what}: {text}")
 
 
+def pretrained(loader: Any, model: str, what: str) -> Any:
+    """`loader.from_pretrained(model)`; from the local cache alone when the hub cannot answer."""
+    offline = None if os.path.exists(model) or names_a_folder(model) else offline_reason()
+    if os.path.isdir(model) and relative_note(model):
+        log.info("model %s: the local folder %s%s", model, os.path.abspath(model), relative_note(model))
+    try:
+        return loader.from_pretrained(model, local_files_only=offline is not None)
+    except (OSError, ValueError) as error:
+        raise load_failure(model, what, error, offline) from error
+
+
 def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise load_failure(model, "tokenizer", error) from error
+    tokenizer = pretrained(AutoTokenizer, model, "tokenizer")
     if not tokenizer.is_fast:
         raise UserError(f"model {model}: a fast (Rust) tokenizer is needed for the token offsets")
     return tokenizer
@@ -44,10 +61,7 @@ def model_max_context(model: str, tokenizer: Any) -> int | None:
     """The longest context the model supports, from its config, else its tokenizer."""
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise load_failure(model, "config", error) from error
+    config = pretrained(AutoConfig, model, "config")
     for key in CONTEXT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

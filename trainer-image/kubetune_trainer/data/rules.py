@@ -51,17 +51,26 @@ def require_text(value: Any, what: str) -> str:
 
 
 def require_object(value: Any) -> dict:
+    if isinstance(value, list):
+        raise Invalid("record must be a JSON object, got a JSON array (JSONL holds one object per line: "
+                      "jq -c '.[]' FILE.json > FILE.jsonl)")
     require(isinstance(value, dict), f"record must be a JSON object, got {type_name(value)}")
     return value
 
 
+def found_keys(row: dict) -> str:
+    """The keys a row has, for a missing-key message: a misspelling shows at once."""
+    names = ", ".join(repr(str(key)) for key in list(row)[:8])
+    return f" (it has {names})" if names else " (it is empty)"
+
+
 def prompt_response(value: Any) -> PromptResponse:
     row = require_object(value)
-    require("prompt" in row, "missing key 'prompt'")
+    require("prompt" in row, f"missing key 'prompt'{found_keys(row)}")
     require(not ("response" in row and "completion" in row),
             "has both 'response' and 'completion' (give one)")
     key = "response" if "response" in row else "completion"
-    require(key in row, "missing key 'response' (or 'completion')")
+    require(key in row, f"missing key 'response' (or 'completion'){found_keys(row)}")
     return PromptResponse(require_text(row["prompt"], "'prompt'"), require_text(row[key], f"'{key}'"))
 
 
@@ -93,7 +102,7 @@ def check_role_order(roles: list[str]) -> None:
 
 def conversation(value: Any) -> Conversation:
     row = require_object(value)
-    require("messages" in row, "missing key 'messages'")
+    require("messages" in row, f"missing key 'messages'{found_keys(row)}")
     messages = row["messages"]
     require(isinstance(messages, list), f"'messages' must be a list, got {type_name(messages)}")
     require(len(messages) > 0, "'messages' is empty")
@@ -104,7 +113,7 @@ def conversation(value: Any) -> Conversation:
 
 def text(value: Any) -> Text:
     if isinstance(value, dict):  # a table or dataset row for continued pre-training
-        require("text" in value, "missing key 'text'")
+        require("text" in value, f"missing key 'text'{found_keys(value)}")
         value = value["text"]
     return Text(require_text(value, "text"))
 

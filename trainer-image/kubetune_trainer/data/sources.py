@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 import posixpath
 import re
@@ -21,8 +22,10 @@ from typing import Any, Iterable, Iterator
 
 from ..config import DEFAULT_MAX_RECORD_BYTES, TaskType
 from ..errors import TransientError, UserError
+from .hub import cache_folder, offline_reason, relative_note
 from .records import Later, Location, Raw, Record, Unreadable
 
+log = logging.getLogger(__name__)
 DELTA_LOG = "_delta_log"
 HUB_PART = re.compile(r"^[\w.\-]+$")
 HUB_SPLIT = re.compile(r"^[\w\-\[\]:%+]+$")  # train, test, train[:10%]
@@ -164,7 +167,11 @@ def file_records(tree: FileTree, task: TaskType, limit: int) -> Iterator[Record]
     suffix = ".txt" if task == TaskType.CONTINUED_PRETRAIN else ".jsonl"
     files = tree.files(suffix)
     if not files:
-        raise UserError(f"{tree.uri}: no {suffix} files in this folder")
+        others = [tree.display(path) for path in tree.files("")][:3]
+        found = f"it has {', '.join(others)}{' ...' if len(others) == 3 else ''}" if others else "it is empty"
+        what = "one .txt file per document" if suffix == ".txt" else "JSONL files"
+        raise UserError(f"{tree.uri}: no {suffix} files in this folder ({found}); {task.value} "
+                        f"reads {what}, recursively")
     for path in files:
         if task == TaskType.CONTINUED_PRETRAIN:
             yield text_record(tree, path, limit)
@@ -193,12 +200,22 @@ def delta_rows(uri: str) -> Iterator[dict]:
 def hub_rows(dataset: str, split: str) -> Iterator[dict]:
     import datasets
 
+    offline = "the hub is off (HF_HUB_OFFLINE=1)" if datasets.config.HF_HUB_OFFLINE else offline_reason()
     try:
-        loaded = datasets.load_dataset(dataset, split=split)
+        if offline and not datasets.config.HF_HUB_OFFLINE:  # no hub: the local cache alone, no retries
+            datasets.config.HF_HUB_OFFLINE = True
+            try:
+                loaded = datasets.load_dataset(dataset, split=split)
+            finally:
+                datasets.config.HF_HUB_OFFLINE = False
+        else:
+            loaded = datasets.load_dataset(dataset, split=split)
     except (ConnectionError, TimeoutError) as error:
-        if datasets.config.HF_HUB_OFFLINE:  # offline and not in the local cache: no retry helps
-            raise UserError(f"{dataset}/{split}: not in the local datasets cache and the hub is "
-                            f"off (HF_HUB_OFFLINE)") from error
+        if offline:  # not in the local cache: no retry helps
+            raise UserError(f"{dataset}/{split}: no such local folder{relative_note(dataset)}, and not in the "
+                            f"local datasets cache ({cache_folder()}) while {offline}: give "
+                            f"a path the pods mount, or load it once where the hub is reachable",
+                            "DatasetNotFound") from error
         raise TransientError(f"{dataset}/{split}: cannot reach the Hugging Face hub: {error}") from error
     except Exception as error:  # DatasetNotFoundError, unknown split, ... : the name is wrong
         raise UserError(f"{dataset}/{split}: cannot load the Hugging Face dataset: {error}") from error
@@ -218,15 +235,11 @@ def raw_records(uri: str, task: TaskType, limit: int = DEFAULT_MAX_RECORD_BYTES)
     tree = file_tree(uri)
     if not tree.fs.exists(tree.root):
         raise UserError(f"{uri}: no such file or folder{relative_note(uri)}")
+    if local and relative_note(uri):
+        log.info("data %s: %s%s", uri, os.path.abspath(uri), relative_note(uri))
     if tree.fs.isdir(tree.root) and tree.fs.exists(posixpath.join(tree.root, DELTA_LOG)):
         return row_records(uri, delta_rows(uri))
     return file_records(tree, task, limit)
-
-
-def relative_note(uri: str) -> str:
-    if "://" in uri or os.path.isabs(uri) or uri.startswith("~"):
-        return ""
-    return f" (a relative path, looked up from the working directory {os.getcwd()})"
 
 
 def loaded(record: Record) -> Record:
