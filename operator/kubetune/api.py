@@ -618,6 +618,8 @@ class Progress(_Status):
     tokens_per_second: DisplayFloat = None
     loss: DisplayFloat = None
     eta_seconds: DisplayFloat = None
+    mfu: DisplayFloat = None
+    """Model FLOPs utilisation (0..1) of the GPUs; absent where their peak is unknown (CPUs)."""
 
 
 class DataStats(_Status):

@@ -25,6 +25,7 @@ from kubetune_trainer.contract import (
     PROGRESS_ETA_SECONDS,
     PROGRESS_LATEST_CHECKPOINT,
     PROGRESS_LOSS,
+    PROGRESS_MFU,
     PROGRESS_MLFLOW,
     PROGRESS_PERCENT,
     PROGRESS_TOKENS_PER_SECOND,
@@ -360,6 +361,7 @@ def _record_progress(world: _World, draft: _Draft) -> None:
         "tokensPerSecond": report.get(PROGRESS_TOKENS_PER_SECOND),
         "loss": report.get(PROGRESS_LOSS),
         "etaSeconds": report.get(PROGRESS_ETA_SECONDS),
+        "mfu": report.get(PROGRESS_MFU),
     })
     if report.get(PROGRESS_LATEST_CHECKPOINT):
         draft.status["latestCheckpoint"] = report[PROGRESS_LATEST_CHECKPOINT]
