@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell pwd | sha256sum | cut -c1-12)
 PYTEST := $(PY) -m pytest
 DEMO_DIR ?= demo
 
-.PHONY: setup demo test test-unit test-trainer test-e2e control-plane node cluster cluster-down crds lint clean-demo
+.PHONY: bench setup demo test test-unit test-trainer test-e2e control-plane node cluster cluster-down crds lint clean-demo
 
 setup: $(STAMP)
 
@@ -65,6 +65,13 @@ test-e2e: setup control-plane $(NODE_PREREQ)
 crds: setup
 	$(PY) -m kubetune.crdgen
 	$(PY) tools/chart_sync.py  # the chart's copy of the CRD (tests/chart checks it)
+
+# Every benchmark, one after another; each prints its figure last (BENCHMARKS.md records them).
+# Helpers are bench/_*.py and bench/*common.py; GPU figures are shell scripts run by hand.
+bench: setup
+	@set -e; for script in bench/*.py; do \
+	  case $$(basename $$script) in _*|*common.py) continue;; esac; \
+	  echo "== $$script"; $(PY) $$script; done
 
 lint: setup
 	$(VENV)/bin/lint-imports --config pyproject.toml
