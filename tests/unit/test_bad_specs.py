@@ -8,6 +8,7 @@ tests/e2e/test_bad_input.py, sends the same corpus to the real API server and op
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,24 @@ def test_the_corpus_holds_at_least_40_refused_specs_each_naming_its_field() -> N
     assert len(SPEC_CASES) >= 40
     assert all("apiError" in case and ":" in case["apiError"] for case in SPEC_CASES)
     assert len({case["name"] for case in INVALID}) == len(INVALID)
+
+
+def _leaves(schema: dict[str, Any], path: str):
+    if "properties" in schema:
+        for key, child in schema["properties"].items():
+            yield from _leaves(child, f"{path}.{key}")
+    elif "properties" in schema.get("items", {}):
+        yield from _leaves(schema["items"], f"{path}[]")
+    else:
+        yield path
+
+
+def test_every_spec_field_has_a_refused_case_naming_it() -> None:
+    from tests.unit.test_crd import SCHEMA
+
+    named = {re.sub(r"\[\d+\]", "[]", field_of(case)) for case in SPEC_CASES}
+    named |= {name.rsplit(".", 1)[0] for name in named}  # a map's key names the map
+    assert [leaf for leaf in _leaves(SCHEMA["properties"]["spec"], "spec") if leaf not in named] == []
 
 
 @pytest.mark.parametrize("case", INVALID + VALID, ids=lambda case: case["name"])
