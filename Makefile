@@ -69,6 +69,7 @@ crds: setup
 # Every benchmark, one after another; each prints its figure last (BENCHMARKS.md records them).
 # Helpers are bench/_*.py and bench/*common.py; GPU figures are shell scripts run by hand.
 bench: setup
+	$(PY) -m pip install -q -r bench/requirements.txt
 	@set -e; for script in bench/*.py; do \
 	  case $$(basename $$script) in _*|*common.py) continue;; esac; \
 	  echo "== $$script"; $(PY) $$script; done
