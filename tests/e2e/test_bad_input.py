@@ -21,7 +21,7 @@ from .conftest import apply, log_size, trainingrun, wait_phase
 from .site import Inputs
 
 pytestmark = pytest.mark.cluster
-RUN_TIMEOUT = 300
+RUN_TIMEOUT = 420  # as test_lifecycle: a loaded CI machine takes minutes for one run
 CANARY = "kt-canary-7f3a9c1e"  # every Secret value below holds it; no output may
 CASES = Path(__file__).parents[1] / "unit" / "crd_cases" / "invalid.yaml"
 CORPUS = [case for case in yaml.safe_load(CASES.read_text()) if "status" not in case and "why" not in case]
