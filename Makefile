@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell pwd | sha256sum | cut -c1-12)
 PYTEST := $(PY) -m pytest
 DEMO_DIR ?= demo
 
-.PHONY: bench setup demo test test-unit test-trainer test-e2e control-plane node cluster cluster-down crds lint clean-demo
+.PHONY: bench bench-control-plane setup demo test test-unit test-trainer test-e2e control-plane node cluster cluster-down crds lint clean-demo
 
 setup: $(STAMP)
 
@@ -73,6 +73,11 @@ bench: setup
 	@set -e; for script in bench/*.py; do \
 	  case $$(basename $$script) in _*|*common.py) continue;; esac; \
 	  echo "== $$script"; $(PY) $$script; done
+
+# The control plane at scale (also part of `make bench`): RUNS TrainingRuns at once.
+RUNS ?= 200
+bench-control-plane: setup
+	$(PY) bench/control_plane.py --runs $(RUNS)
 
 lint: setup
 	$(VENV)/bin/lint-imports --config pyproject.toml

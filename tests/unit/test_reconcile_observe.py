@@ -157,3 +157,15 @@ def test_job_failure_classification() -> None:
     assert job_failure(deadline, "TrainingFailed").reason == "DeadlineExceeded"
     bare = JobState("j", Component.PREP, failed_reason="BackoffLimitExceeded")
     assert job_failure(bare, "DataPreparationFailed").reason == "DataPreparationFailed"
+
+
+def test_a_job_is_done_once_every_index_has_a_pod_that_succeeded() -> None:
+    ranks = (PodState("t-0", "Succeeded", 0, exit_code=0), PodState("t-1", "Running", 1))
+    job = JobState("demo-train-1", Component.TRAIN, 1, completions=2, active=1, pods=ranks)
+    assert not job.done  # rank 1 still trains
+    both = JobState("demo-train-1", Component.TRAIN, 1, completions=2, active=0,
+                    pods=(ranks[0], PodState("t-1", "Succeeded", 1, exit_code=0)))
+    assert both.done and both.settled  # before the Job controller counts them
+    retried = JobState("demo-prep", Component.PREP, completions=1,
+                       pods=(PodState("p-a", "Failed", 0, exit_code=1), PodState("p-b", "Succeeded", 0, exit_code=0)))
+    assert retried.done

@@ -1,0 +1,309 @@
+"""The control plane at scale: N TrainingRuns created at once against the real API server.
+
+The local cluster of the e2e tests (kube-apiserver, kube-controller-manager and etcd built from
+their Go modules, the node agent of tests/cluster running pods as processes) and the operator as a
+process (`kubetune operator`, leader election on). Every step is a no-op shell command that writes
+the result document its step must write: data prep and finalize exit at once, each training pod
+blocks on a FIFO until the benchmark releases it, so all N runs sit in Training together.
+
+Figures, in one run:
+- creation → training pods created: from the create call of a run to its training pod's ADDED
+  event (data prep ran and finished in between), p50 / p95;
+- API requests per second at steady state: `apiserver_request_total` (the API server's own
+  counter, every client) read before and after a window while every run trains, with the
+  biggest resource/verb pairs;
+- the operator's peak RSS (VmHWM of its process);
+- a training pod's exit → the run's status showing it (condition Trained), p50 / p95: pods are
+  released at a steady rate, each writing the time it exits.
+
+    make bench-control-plane RUNS=200   (or: .venv/bin/python bench/control_plane.py --runs 200
+                                          [--window 60] [--release-rate 20])
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from kubernetes import client, config
+from kubernetes.watch.watch import iter_resp_lines
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `make bench` runs it as a script
+
+from kubetune.api import GROUP, PLURAL, VERSION  # noqa: E402
+from tests.cluster import binaries  # noqa: E402
+from tests.cluster.controlplane import ControlPlane  # noqa: E402
+from tests.cluster.node_agent import NodeAgent  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bench"
+CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
+NAMESPACE = "bench"
+RESULTS = {
+    "prepare": {"ok": True, "step": "prepare", "dataStats": {
+        "samples": 1, "tokens": 8, "truncatedSamples": 0, "sequences": 1, "packingEfficiency": 1.0}},
+    "train": {"ok": True, "step": "train"},
+    "finalize": {"ok": True, "step": "finalize", "registeredModel": {
+        "name": "main.bench.model", "version": "1", "artifactUri": "file:///bench/hf"}},
+}
+
+
+def step_script(fifos: Path) -> str:
+    """`sh -c SCRIPT step <step> --config FILE`: write the step's result; train waits first."""
+    def write(step: str) -> str:
+        return f"printf '%s' '{json.dumps(RESULTS[step])}' > \"$KUBETUNE_TERMINATION_LOG\""
+    return (f'case "$1" in\n'
+            f'  prepare) {write("prepare")} ;;\n'
+            f'  train) read _ < "{fifos}/$HOSTNAME"; date +%s.%N > "{fifos}/$HOSTNAME.exited"; '
+            f'{write("train")} ;;\n'
+            f'  finalize) {write("finalize")} ;;\n'
+            f'esac\n')
+
+
+def run_manifest(name: str) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingRun",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"model": "/bench/model", "trainDataPath": "/bench/train.jsonl",
+                     "registerTo": "main.bench", "validateInputs": False}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def request_counts(cp: ControlPlane) -> dict[tuple[str, str], float]:
+    """apiserver_request_total summed by (resource, verb); WATCH requests count when they open."""
+    status, body = cp.api_get("/metrics")
+    assert status == 200, status
+    counts: dict[tuple[str, str], float] = {}
+    for line in body.decode().splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+        key = (labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else ""),
+               labels.get("verb", ""))
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+class Watcher:
+    """Times, as this process sees them, of each run's training pod appearing and of its
+    status first showing Trained."""
+
+    def __init__(self, api_client: client.ApiClient):
+        self.api_client = api_client
+        self.pod_added: dict[str, float] = {}
+        self.pod_running: set[str] = set()
+        self.prep_added: dict[str, float] = {}
+        self.prep_done: dict[str, float] = {}
+        self.trained: dict[str, float] = {}
+        self.succeeded: set[str] = set()
+        self.stop = threading.Event()
+
+    def start(self) -> Watcher:
+        for target in (self._pods, self._runs):
+            threading.Thread(target=target, daemon=True).start()
+        return self
+
+    def _stream(self, call, handle) -> None:
+        while not self.stop.is_set():
+            try:
+                response = call(watch=True, _preload_content=False, timeout_seconds=300,
+                                _request_timeout=(10, 330))
+                for line in iter_resp_lines(response):
+                    event = json.loads(line)
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        handle(event["object"], time.monotonic())
+            except Exception:  # noqa: BLE001 - a benchmark's watch: just watch again
+                time.sleep(0.5)
+
+    def _pods(self) -> None:
+        core = client.CoreV1Api(self.api_client)
+        self._stream(lambda **kw: core.list_namespaced_pod(
+            NAMESPACE, label_selector="kubetune.dev/component in (prep,train)", **kw), self._pod)
+
+    def _pod(self, pod: dict, now: float) -> None:
+        labels, phase = pod["metadata"]["labels"], (pod.get("status") or {}).get("phase")
+        run = labels["kubetune.dev/run"]
+        if labels["kubetune.dev/component"] == "prep":
+            self.prep_added.setdefault(run, now)
+            if phase == "Succeeded":
+                self.prep_done.setdefault(run, now)
+            return
+        self.pod_added.setdefault(run, now)
+        if phase == "Running":
+            self.pod_running.add(run)
+
+    def _runs(self) -> None:
+        custom = client.CustomObjectsApi(self.api_client)
+        self._stream(lambda **kw: custom.list_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, **kw), self._run)
+
+    def _run(self, run: dict, now: float) -> None:
+        status, name = run.get("status") or {}, run["metadata"]["name"]
+        if any(c.get("type") == "Trained" and c.get("status") == "True" for c in status.get("conditions") or []):
+            self.trained.setdefault(name, now)
+        if status.get("phase") == "Succeeded":
+            self.succeeded.add(name)
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    say(f"waiting for {what}")
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_operator(kubeconfig: Path, work: Path, fifos: Path) -> subprocess.Popen:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "default",
+           "KUBETUNE_TRAINER_COMMAND": json.dumps(["sh", "-c", step_script(fifos), "step"]),
+           "KUBETUNE_STORAGE_URI": str(work / "storage"), "KUBETUNE_STORAGE_CLAIM_NAME": "",
+           "KUBETUNE_OPERATOR_METRICS_PORT": str(free_port()), "KUBETUNE_LOG_LEVEL": "WARNING",
+           "PYTHONUNBUFFERED": "1"}
+    log = open(work / "operator.log", "ab")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def release(runs: list[str], fifos: Path, rate: float) -> None:
+    """Let each run's training pod exit, `rate` pods a second."""
+    for name in runs:
+        fifo = fifos / f"{name}-train-1-0"
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the pod reads it
+                break
+            except OSError:
+                time.sleep(0.05)
+        os.write(fd, b"go\n")
+        os.close(fd)
+        time.sleep(1 / rate)
+
+
+def measure(runs: int, window: float, rate: float, work: Path) -> dict:
+    fifos = work / "fifos"
+    fifos.mkdir(parents=True)
+    names = [f"bench-{i:04d}" for i in range(runs)]
+    for name in names:
+        os.mkfifo(fifos / f"{name}-train-1-0")
+    say("starting the control plane and the node agent")
+    cp = ControlPlane(binaries.control_plane_bin_dir(), work / "control-plane").start()
+    agent = operator = None
+    try:
+        agent = NodeAgent(cp.kubeconfig, work / "node").start()
+        kubectl = binaries.tools_dir() / "kubectl"
+        subprocess.run([kubectl, "--kubeconfig", cp.kubeconfig, "apply", "--server-side", "-f", CRD],
+                       check=True, capture_output=True)
+        subprocess.run([kubectl, "--kubeconfig", cp.kubeconfig, "wait", "--for=condition=Established",
+                        "crd/trainingruns.kubetune.dev", "--timeout=60s"], check=True, capture_output=True)
+        subprocess.run([kubectl, "--kubeconfig", cp.kubeconfig, "create", "namespace", NAMESPACE],
+                       check=True, capture_output=True)
+        api_client = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        watcher = Watcher(api_client).start()
+        operator = start_operator(cp.kubeconfig, work, fifos)
+        time.sleep(5)  # the operator elects itself and lists what there is
+        custom = client.CustomObjectsApi(api_client)
+        created: dict[str, float] = {}
+
+        def create(name: str) -> None:
+            custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, run_manifest(name))
+            created[name] = time.monotonic()
+
+        say(f"creating {runs} TrainingRuns")
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(create, names))
+        wait_until(lambda: len(watcher.pod_running) == runs, 120 + runs, "every training pod running")
+        to_workers = [watcher.pod_added[n] - created[n] for n in names]
+        stages = {"create->prep pod": [watcher.prep_added[n] - created[n] for n in names],
+                  "prep pod->its exit seen": [watcher.prep_done[n] - watcher.prep_added[n] for n in names],
+                  "prep exit->training pod": [watcher.pod_added[n] - watcher.prep_done[n] for n in names]}
+
+        say(f"counting API requests for {window:.0f}s of steady state")
+        time.sleep(10)  # what the start-up left settles
+        before, started = request_counts(cp), time.monotonic()
+        time.sleep(window)
+        after, elapsed = request_counts(cp), time.monotonic() - started
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        busiest = sorted(((v / elapsed, k) for k, v in delta.items() if v > 0), reverse=True)[:6]
+
+        say(f"releasing the training pods, {rate:.0f}/s")
+        release(names, fifos, rate)
+        wait_until(lambda: len(watcher.trained) == runs, 120 + runs, "every run Trained")
+        wait_until(lambda: len(watcher.succeeded) == runs, 120 + runs, "every run Succeeded")
+        wall = time.time() - time.monotonic()  # the watcher's times are monotonic, `date`'s wall
+        exit_to_status = [watcher.trained[name] + wall - float((fifos / f"{name}-train-1-0.exited").read_text())
+                          for name in names]
+        rss = peak_rss_mb(operator.pid)
+        watcher.stop.set()
+        return {"runs": runs,
+                "to_workers_p50": statistics.median(to_workers), "to_workers_p95": percentile(to_workers, 95),
+                "to_workers_stages_p50": {k: round(statistics.median(v), 2) for k, v in stages.items()},
+                "requests_per_s": sum(delta.values()) / elapsed, "window_s": elapsed,
+                "busiest": [(f"{verb} {resource}", round(per_s, 2)) for per_s, (resource, verb) in busiest],
+                "exit_to_status_p50": statistics.median(exit_to_status),
+                "exit_to_status_p95": percentile(exit_to_status, 95),
+                "operator_peak_rss_mb": rss}
+    finally:
+        if operator is not None:
+            operator.terminate()
+            try:
+                operator.wait(20)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+        if agent is not None:
+            agent.stop()
+        cp.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--window", type=float, default=60.0, help="seconds of steady state counted")
+    parser.add_argument("--release-rate", type=float, default=20.0, help="training pods let exit per second")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on the way out
+    # Not under /tmp: the node agent maps a pod's /tmp mount onto its own folder.
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="control-plane-", dir=CACHE))
+    try:
+        figures = measure(args.runs, args.window, args.release_rate, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(yaml.safe_dump(figures, sort_keys=False))
+    print(f"control plane, {figures['runs']} runs: creation->training pods p50 {figures['to_workers_p50']:.2f}s "
+          f"p95 {figures['to_workers_p95']:.2f}s (target <= 2s); steady state "
+          f"{figures['requests_per_s']:.2f} API requests/s (target <= 5); exit->status "
+          f"p50 {figures['exit_to_status_p50']:.2f}s p95 {figures['exit_to_status_p95']:.2f}s (target <= 1s); "
+          f"operator peak RSS {figures['operator_peak_rss_mb']:.0f} MB (target <= 250)")
+
+
+if __name__ == "__main__":
+    main()
