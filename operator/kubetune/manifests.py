@@ -52,6 +52,7 @@ from kubetune_trainer.contract import (
 from .api import API_VERSION, GROUP, KIND, TrainingRun
 from .resolve import storage_claim
 from .names import (  # noqa: F401 (the builders' names, also used by their callers from here)
+    cleanup_job_name,
     config_map_name,
     finalize_job_name,
     name_problem,
@@ -81,6 +82,7 @@ class Component(str, Enum):
     PREP = "prep"
     TRAIN = "train"
     FINALIZE = "finalize"
+    CLEANUP = "cleanup"
 
 
 # --- context ---------------------------------------------------------------------------------
@@ -401,3 +403,18 @@ def build_finalize_job(ctx: BuildContext) -> dict[str, Any]:
     return _job(ctx, finalize_job_name(ctx.name), Component.FINALIZE, template,
                 {"backoffLimit": ctx.settings.finalize_backoff_limit,
                  "podFailurePolicy": _retry_policy("finalize")})
+
+
+def build_cleanup_job(ctx: BuildContext) -> dict[str, Any]:
+    """Removes a deleted run's work_dir (`kubetune.deletion`). Not owned by the run, so a
+    foreground deletion does not take it with the run's children; never queued; no config
+    volume (the run's ConfigMap may be gone): the folder is its only argument."""
+    command = [*ctx.settings.trainer_command, "cleanup", "--work-dir", ctx.config.work_dir]
+    container = _container(ctx, "cleanup", command, {})
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "config"]
+    template = _pod_template(ctx, Component.CLEANUP, container)
+    template["spec"]["volumes"] = [v for v in template["spec"]["volumes"] if v["name"] != "config"]
+    metadata = {"name": cleanup_job_name(ctx.name), "namespace": ctx.namespace,
+                "labels": labels(ctx, Component.CLEANUP)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
+            "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 3600, "template": template}}

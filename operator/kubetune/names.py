@@ -36,6 +36,10 @@ def finalize_job_name(run_name: str) -> str:
     return f"{run_name}-finalize"
 
 
+def cleanup_job_name(run_name: str) -> str:
+    return f"{run_name}-cleanup"
+
+
 def rank_hostname(run_name: str, attempt: int, index: int) -> str:
     """The hostname the Job controller gives an Indexed Job's pod: `<job>-<index>`."""
     return f"{train_job_name(run_name, attempt)}-{index}"

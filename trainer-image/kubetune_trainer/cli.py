@@ -14,7 +14,7 @@ from typing import Callable
 
 from .config import RunConfig, load_config
 from .contract import ENV_RANK, EXIT_OK, EXIT_RETRYABLE
-from .errors import StepError, UserError, user_error_of
+from .errors import SAVED_KEPT, StepError, TransientError, UserError, storage_full, user_error_of
 from .results import exit_code, failure, write_result
 from .storage import staged
 
@@ -60,7 +60,8 @@ def run_step(step: str, config_path: str) -> int:
     except KeyboardInterrupt:
         return report(step, StepError("interrupted", "Interrupted"))
     except Exception as error:  # an unexpected bug: one line for the status, traceback to the log
-        if known := user_error_of(error):
+        # A full disk in any step (training names its checkpoints itself): the user's to fix.
+        if known := user_error_of(error) or storage_full(error, config.work_dir, advice=SAVED_KEPT):
             return report(step, known)
         log.exception("step %s failed", step)
         return report(step, StepError(f"{type(error).__name__}: {first_line(error)}", "InternalError"))
@@ -81,6 +82,20 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def cleanup(work_dir: str) -> int:
+    from .cleanup import run_cleanup
+
+    try:
+        fields = run_cleanup(work_dir)
+    except StepError as error:
+        return report("cleanup", error)
+    except OSError as error:
+        return report("cleanup", TransientError(f"cleanup of {work_dir}: {first_line(error)}",
+                                                "StorageUnavailable"))
+    write_result("cleanup", True, **fields)
+    return EXIT_OK
+
+
 def tiny_model(out: str) -> int:
     from .tinymodel import build_tiny_model
 
@@ -94,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     for step in STEPS:
         sub.add_parser(step).add_argument("--config", required=True, help="resolved run config JSON")
     sub.add_parser("tiny-model", help="build the tiny test model").add_argument("out")
+    sub.add_parser("cleanup", help="remove a deleted run's folder").add_argument("--work-dir", required=True)
     return top
 
 
@@ -102,4 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.step == "tiny-model":
         return tiny_model(args.out)
+    if args.step == "cleanup":
+        return cleanup(args.work_dir)
     return run_step(args.step, args.config)

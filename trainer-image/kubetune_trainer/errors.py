@@ -66,7 +66,13 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
 
 
-def storage_full(error: BaseException, folder: str, shown_as: str | None = None) -> StorageFull | None:
+CHECKPOINTS_KEPT = ("the checkpoints saved before are kept: free space or enlarge the volume, then run "
+                    "again to resume from the newest whole checkpoint")
+SAVED_KEPT = "what was saved before is kept: free space or enlarge the volume, then run again"
+
+
+def storage_full(error: BaseException, folder: str, shown_as: str | None = None,
+                 advice: str = CHECKPOINTS_KEPT) -> StorageFull | None:
     """A StorageFull naming `folder` (or `shown_as`), if `error` or its cause is a full disk there."""
     seen: BaseException | None = error
     while seen is not None:
@@ -74,9 +80,7 @@ def storage_full(error: BaseException, folder: str, shown_as: str | None = None)
         torch_write = isinstance(seen, RuntimeError) and any(m in str(seen) for m in TORCH_WRITE_FAILED)
         if no_space or (torch_write and _nearly_full(folder)):
             cause = seen.strerror if no_space else "a checkpoint write failed"
-            return StorageFull(f"no space left on the storage of {shown_as or folder} ({cause}); the "
-                               "checkpoints saved before are kept: free space or enlarge the volume, then "
-                               "run again to resume from the newest whole checkpoint")
+            return StorageFull(f"no space left on the storage of {shown_as or folder} ({cause}); {advice}")
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -6,8 +6,8 @@ Jobs, Pods, ConfigMaps and Services. A quiet run costs no API request: its child
 from the watch-fed copies, and the status is patched only when `decide` changes it. The loop
 also wakes when the plan asks to be looked at again (a deadline, a TTL, the next progress
 read) and at the latest every resync interval, in case a cue was lost. Still level-triggered:
-each tick recomputes the whole status from what exists. Deletion needs no handler: owner
-references let the garbage collector remove every child.
+each tick recomputes the whole status from what exists. On deletion, owner references let the
+garbage collector remove every child; the run's files go first (`kubetune.deletion`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import kopf
 
 from .. import metrics
 from ..api import GROUP, PLURAL, VERSION, Phase
+from ..deletion import delete_storage
 from ..settings import OperatorSettings
 from ..tick import ProgressReader, reconcile
 from .cluster import Cluster
@@ -108,6 +109,14 @@ def register(settings: OperatorSettings, resync: float) -> None:
             memo.wakeups.forget(namespace, name)
             memo.cluster.forget(uid)
             memo.progress.forget(uid)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL)
+    async def remove_storage(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        """A deleted run's files outlive it: stop its steps, remove them, then let it go."""
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(memo.executor, delete_storage, memo.cluster, dict(body), settings)
+        if not plan.done:
+            raise kopf.TemporaryError(plan.note, delay=2)
 
     @kopf.on.event(GROUP, VERSION, PLURAL)
     async def run_changed(type: str, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
