@@ -1,0 +1,229 @@
+"""Faults in every phase, through the real API server: the operator SIGKILLed at each phase
+transition and while its run is deleted, MLflow down while the run registers, a trainer that
+crashes in every attempt, storage that fills up during data preparation.
+
+Each test drives one run through all the faults it can take, so the suite pays for few runs.
+Where a fault needs this machine (the node agent's processes, a tmpfs mount, an MLflow proxy
+the pods reach at 127.0.0.1) the test says so and is left out on a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from kubetune.deletion import KEEP_STORAGE_ANNOTATION
+from kubetune.k8s.cluster import camel
+from tests.support.faulty_proxy import FaultyProxy
+
+from .conftest import log_size, wait_leading, wait_phase
+from .test_controls import (
+    LONG_DATA,
+    ONE_SHOT_EVENTS,
+    RUN_TIMEOUT,
+    STOP_TIMEOUT,
+    TERMINAL,
+    children,
+    condition,
+    create,
+    crash,
+    event_types,
+    live_status,
+    names,
+    status_of,
+    tiny_spec,
+    train_process,
+    wait_succeeded,
+)
+
+pytestmark = pytest.mark.cluster
+MLFLOW_OUTAGE_S = 12  # longer than a few client retries, well inside the step's retry budget
+
+
+class ChildLedger:
+    """Every Job and pod of a run seen so far, by name → uid: a name seen with a second uid was
+    created twice."""
+
+    def __init__(self, kubectl, namespace: str, run: str):
+        self.kubectl, self.namespace, self.run = kubectl, namespace, run
+        self.uids: dict[str, str] = {}
+
+    def look(self) -> list[dict]:
+        found = children(self.kubectl, self.namespace, self.run, "jobs,pods,services,configmaps")
+        for obj in found:
+            key = f"{obj['kind']}/{obj['metadata']['name']}"
+            uid = self.uids.setdefault(key, obj["metadata"]["uid"])
+            assert uid == obj["metadata"]["uid"], f"{key} was created twice"
+        return found
+
+
+def kill_operator(operator) -> int:
+    """SIGKILL, as an OOM kill or a node loss would; the log offset to wait for its successor."""
+    operator.kill()
+    return log_size(operator)
+
+
+def restart(operator, since: int, wait_for) -> None:
+    operator.start()
+    wait_leading(operator, since, wait_for, timeout=90)  # the dead one's Lease runs out first
+
+
+def kill_in(phase: str, operator, kubectl, namespace: str, name: str, ledger: ChildLedger,
+            wait_for) -> int:
+    """Wait until the run reports `phase`, then SIGKILL the operator; its log offset."""
+    def reached():
+        ledger.look()
+        return live_status(kubectl, namespace, name).get("phase") == phase
+    wait_for(reached, RUN_TIMEOUT, f"{name} to reach {phase}", interval=0.3)
+    return kill_operator(operator)
+
+
+@pytest.mark.slow  # ~2.5 min on an idle machine: five restarts, each waiting out the dead one's Lease
+def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_one_of_everything(
+        operator, cluster, kubectl, namespace, inputs, site, wait_for):
+    """One run: the operator is SIGKILLed before the run is created (it sits Pending while the
+    operator is down), then as the run enters PreparingData, Training and Registering (MLflow
+    goes down at the same time, locally), and restarted each time; then killed again, the run
+    deleted while it is down, and restarted. The run finishes in its first attempt, no child is
+    created twice, no event is recorded twice, one model version is registered, and the
+    deletion leaves nothing of the run."""
+    from mlflow import MlflowClient
+
+    name, model = "phoenix", f"main.e2e.phoenix_{namespace[-6:]}"
+    mlflow = urlsplit(site.tracking_uri)
+    proxy = FaultyProxy(mlflow.hostname, mlflow.port).start() if cluster.local else None
+    try:
+        spec = tiny_spec(inputs, registerTo=model)
+        if proxy:
+            spec["mlflow"] = {"trackingUri": proxy.url}
+        ledger = ChildLedger(kubectl, namespace, name)
+        kills = [("Pending", kill_operator(operator))]
+        create(kubectl, namespace, name, spec)
+        assert not ledger.look() and not status_of(kubectl, namespace, name)
+        restart(operator, kills[-1][1], wait_for)
+        for phase in ("PreparingData", "Training", "Registering"):
+            kills.append((phase, kill_in(phase, operator, kubectl, namespace, name, ledger, wait_for)))
+            if phase == "Registering" and proxy:  # the training's MLflow calls are over by now
+                proxy.down()
+                wait_for(lambda: children(kubectl, namespace, name, "pods", component="finalize"),
+                         60, "the finalize pod")
+                time.sleep(MLFLOW_OUTAGE_S)
+                proxy.up()
+            restart(operator, kills[-1][1], wait_for)
+        run = wait_succeeded(kubectl, namespace, name, operator)
+        ledger.look()
+    finally:
+        if proxy:
+            proxy.stop()
+
+    status = run["status"]
+    assert status["attempts"] == 1, status
+    assert names(children(kubectl, namespace, name, "jobs")) == {
+        f"{name}-prep", f"{name}-train-1", f"{name}-finalize"}
+    pods = Counter(key.split("/")[1].rsplit("-", 1)[0] for key in ledger.uids if key.startswith("Pod/"))
+    assert all(count == 1 for count in pods.values()), f"a step ran in more than one pod: {pods}"
+    counts = Counter(event_types(run))
+    assert {t: counts[t] for t in ONE_SHOT_EVENTS} == dict.fromkeys(ONE_SHOT_EVENTS, 1), counts
+    entries = [(e["type"], e["message"]) for e in status["events"]]
+    assert len(entries) == len(set(entries)), entries
+    mirrors = Counter(e["reason"] for e in kubectl.json(
+        "get", "events", "-n", namespace, f"--field-selector=involvedObject.name={name}")["items"])
+    assert all(mirrors[camel(t)] <= 1 for t in ONE_SHOT_EVENTS), mirrors  # lost, perhaps; never twice
+    versions = MlflowClient(site.tracking_uri).search_model_versions(f"name = '{model}'")
+    assert [v.version for v in versions] == [status["registeredModel"]["version"]] == ["1"]
+    if proxy:  # the finalize step waited for MLflow instead of failing its pod
+        [finalize] = children(kubectl, namespace, name, "pods", component="finalize")
+        log = kubectl("logs", finalize["metadata"]["name"], "-n", namespace).stdout
+        assert "MLflow at" in log and "retrying in" in log, log[-3000:]
+
+    # Deleted while the operator is down: when it is back, nothing of the run is left.
+    since = kill_operator(operator)
+    kubectl("delete", "trainingrun", name, "-n", namespace, "--wait=false")
+    restart(operator, since, wait_for)
+    wait_for(lambda: kubectl("get", "trainingrun", name, "-n", namespace, check=False).returncode != 0,
+             STOP_TIMEOUT, f"{name} to be gone")
+    wait_for(lambda: not children(kubectl, namespace, name), STOP_TIMEOUT, f"every child of {name} gone")
+    if site.storage_folder:  # nothing of it is left in its storage either
+        assert not (Path(site.storage_folder) / namespace / name).exists()
+
+
+def test_a_trainer_that_crashes_in_every_attempt_fails_the_run_with_its_exit_code_and_log_tail(
+        operator, node_agent, kubectl, namespace, inputs, site, wait_for):
+    """backoffLimit 1: the trainer is SIGKILLed in both attempts. The run fails as
+    BackoffLimitExceeded with the last exit code and the end of its log, and each failed attempt
+    is an event."""
+    name = "crasher"
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="20ep", backoffLimit=1))
+    for attempt in (1, 2):
+        trainer = wait_for(lambda: live_status(kubectl, namespace, name) and train_process(
+            node_agent, kubectl, namespace, name, attempt), RUN_TIMEOUT, f"the trainer of attempt {attempt}")
+        # Once it has logged a batch, so the log tail has something of the trainer's own.
+        wait_for(lambda: "Train time/batch" in kubectl("logs", f"-l=kubetune.dev/attempt={attempt},"
+                                                       f"kubetune.dev/run={name}", "-n", namespace,
+                                                       "-c", "train", check=False).stdout,
+                 RUN_TIMEOUT, f"the first batch of attempt {attempt}", interval=0.5)
+        crash(trainer)
+    run = wait_phase(kubectl, namespace, name, TERMINAL, 120, operator)
+
+    status = run["status"]
+    failed = condition(run, "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "BackoffLimitExceeded", failed
+    assert status["attempts"] == 2
+    assert "2 attempts failed (backoffLimit 1)" in failed["message"]
+    assert "exited with code 137" in failed["message"], failed["message"]  # SIGKILL: 128 + 9
+    assert "Train time/batch" in failed["message"], failed["message"]  # the log tail
+    events = [e for e in status["events"] if e["type"] in ("RETRYING", "FAILED")]
+    assert [e["type"] for e in events] == ["RETRYING", "FAILED"], status["events"]
+    assert events[0]["message"].startswith("attempt 1 failed") and "code 137" in events[0]["message"]
+    assert "code 137" in events[1]["message"]
+    wait_for(lambda: not [p for p in children(kubectl, namespace, name, "pods", component="train")
+                          if p["status"].get("phase") not in ("Succeeded", "Failed")],
+             STOP_TIMEOUT, "no training pod left running")
+
+    # Annotated to keep its storage, the deleted run leaves its checkpoints for a look.
+    kubectl("annotate", "trainingrun", name, "-n", namespace, f"{KEEP_STORAGE_ANNOTATION}=true")
+    kubectl("delete", "trainingrun", name, "-n", namespace, "--wait=false")
+    wait_for(lambda: not children(kubectl, namespace, name), STOP_TIMEOUT, f"every child of {name} gone")
+    if site.storage_folder:
+        assert list((Path(site.storage_folder) / namespace / name / "checkpoints").glob("*.pt"))
+
+
+@pytest.fixture
+def small_work_dir(cluster, site, namespace):
+    """A 1 MiB tmpfs mounted where the run named `full` keeps its files (this machine, as root)."""
+    if not cluster.local or not site.storage_folder:
+        pytest.skip("mounts a small filesystem on this machine's storage folder")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    work = Path(site.storage_folder) / namespace / "full"
+    work.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0777", "tmpfs", str(work)], check=True)
+    try:
+        yield work
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=False)
+
+
+def test_storage_full_during_data_preparation_fails_the_run_clearly_and_keeps_what_was_saved(
+        operator, kubectl, namespace, inputs, small_work_dir):
+    name = "full"
+    saved = small_work_dir / "result" / "notes.txt"  # what an earlier step left there
+    saved.parent.mkdir(mode=0o777)
+    saved.write_text("kept\n")
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA))
+    run = wait_phase(kubectl, namespace, name, TERMINAL, RUN_TIMEOUT, operator)
+
+    failed = condition(run, "Failed")
+    assert run["status"]["phase"] == "Failed", run["status"]
+    assert failed["reason"] == "StorageFull", failed
+    message = failed["message"]
+    assert "no space left" in message.lower() and "storage" in message and "Traceback" not in message, message
+    assert saved.read_text() == "kept\n"
+    assert not (small_work_dir / "data" / "_SUCCESS").exists()
+    assert not children(kubectl, namespace, name, "jobs", component="train")
