@@ -162,6 +162,8 @@ def probe(pod: dict, port: int, path: str) -> int:
             return r.status
     except urllib.error.HTTPError as error:
         return error.code
+    except OSError:  # not listening (yet)
+        return 0
 
 
 def leaders(pods: list[dict], port: int) -> list[str]:
@@ -280,7 +282,8 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         second = wait_for(rolled, 120, "two new operator pods")
         assert len(wait_for(lambda: leaders(second, metrics_port), 60, "one new replica to lead")) == 1
         # The standby is live and Ready (it read the Lease), so `rollout status` finishes.
-        assert all(probe(p, metrics_port, path) == 200 for p in second for path in ("/healthz", "/readyz"))
+        wait_for(lambda: all(probe(p, metrics_port, path) == 200 for p in second for path in ("/healthz", "/readyz")),
+                 60, "both replicas to be live and Ready")
         done = wait_phase(kubectl, namespace, "helm-run", {"Succeeded", "Failed"}, RUN_TIMEOUT)
         status = done["status"]
         assert status["phase"] == "Succeeded", status
