@@ -7,6 +7,10 @@ Detection, in order:
 3. a missing path without a scheme shaped `name/split` or `org/name/split` (the last part has no
    dot, so it is not a file name) is a Hugging Face dataset loaded with `datasets`;
 4. anything else is a missing path: a UserError naming it.
+
+Files are read in blocks, never a line or file whole before its size is known: a JSONL line or
+`.txt` file over `max_record_bytes` is a record problem, not loaded. A UTF-8 BOM at the start of
+a file is skipped, as most tools do (editors on Windows write one; it carries no data).
 """
 
 from __future__ import annotations
