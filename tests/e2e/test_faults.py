@@ -71,7 +71,7 @@ def kill_operator(operator) -> int:
 
 def restart(operator, since: int, wait_for) -> None:
     operator.start()
-    wait_leading(operator, since, wait_for, timeout=90)  # the dead one's Lease runs out first
+    wait_leading(operator, since, wait_for, timeout=180)  # the dead one's Lease runs out; slow starts
 
 
 def kill_in(phase: str, operator, kubectl, namespace: str, name: str, ledger: ChildLedger,

@@ -84,13 +84,13 @@ def faulty_operator(operator, faulty_api, site, tmp_path, wait_for):
     operator.stop()
     process = OperatorProcess(operator_env(kubeconfig, site, port), tmp_path / "faulty.log", port).start()
     try:
-        wait_leading(process, 0, wait_for, timeout=90)
+        wait_leading(process, 0, wait_for, timeout=180)
         yield process
     finally:
         process.stop()
         since = log_size(operator)
         operator.start()
-        wait_leading(operator, since, wait_for, timeout=90)
+        wait_leading(operator, since, wait_for, timeout=180)
 
 
 @pytest.mark.slow  # one whole run behind the proxy
@@ -109,7 +109,7 @@ def test_an_operator_behind_a_throttling_failing_watch_cutting_api_server_conver
             restarts += 1
             since = log_size(faulty_operator)
             faulty_operator.start()
-            wait_leading(faulty_operator, since, wait_for, timeout=90)
+            wait_leading(faulty_operator, since, wait_for, timeout=180)
         run = kubectl.json("get", "trainingrun", name, "-n", namespace)
         return (run.get("status") or {}).get("phase") in TERMINAL and run
     run = wait_for(finished, RUN_TIMEOUT, f"{name} to finish behind the faulty API server", interval=1)
