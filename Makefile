@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell pwd | sha256sum | cut -c1-12)
 PYTEST := $(PY) -m pytest
 DEMO_DIR ?= demo
 
-.PHONY: bench bench-control-plane setup demo test test-unit test-trainer test-e2e control-plane node cluster cluster-down crds lint clean-demo
+.PHONY: bench bench-control-plane setup demo test test-unit test-trainer test-e2e control-plane node node-images cluster cluster-down crds lint clean-demo
 
 setup: $(STAMP)
 
@@ -39,14 +39,18 @@ node:
 	bash tests/cluster/build-node.sh
 
 # A local cluster on real nodes with the project's images loaded; prints `export KUBECONFIG=...`.
-cluster: setup control-plane node
+cluster: setup control-plane node-images
 	@$(PY) -m tests.cluster.kubelet_cluster up
 
 cluster-down: setup
 	@$(PY) -m tests.cluster.kubelet_cluster down
 
+# The project's images built and imported for real nodes (cached by content hash; slow when new).
+node-images: setup node
+	$(PY) -m tests.cluster.kubelet_cluster images
+
 # Real nodes for the e2e tests when KUBETUNE_E2E_NODE=kubelet (else the node agent).
-NODE_PREREQ := $(if $(filter kubelet,$(KUBETUNE_E2E_NODE)),node,)
+NODE_PREREQ := $(if $(filter kubelet,$(KUBETUNE_E2E_NODE)),node-images,)
 
 test: setup control-plane $(NODE_PREREQ)
 	$(VENV)/bin/lint-imports --config pyproject.toml

@@ -5,6 +5,7 @@ project's images built and loaded. Used by the e2e fixtures and by `make cluster
         kc.kubeconfig, kc.images["trainer"], kc.nodes.restart_kubelet(0)
 
     python -m tests.cluster.kubelet_cluster up|down [--nodes N]   # make cluster / cluster-down
+    python -m tests.cluster.kubelet_cluster images                # build images + seed (make node-images)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kubetune.rbac import build_rbac
 
 from . import binaries, images
 from .controlplane import CONTROLLERS, NODE_CONTROLLERS, ControlPlane
-from .node import Network, Nodes, NodeError, build_node_binaries, preflight
+from .node import Network, Nodes, NodeError, build_node_binaries, containerd_seed, preflight
 
 STORAGE_CLASS = "kubetune-local"
 log = logging.getLogger(__name__)
@@ -224,9 +225,13 @@ def down() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.kubelet_cluster")
-    parser.add_argument("action", choices=("up", "down"))
+    parser.add_argument("action", choices=("up", "down", "images"))
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.action == "images":   # the slow one-time part, outside any test's timeout
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        print(containerd_seed(build_images(build_node_binaries())))
+        return 0
     return up(args.nodes) if args.action == "up" else down()
 
 
