@@ -132,9 +132,11 @@ class LeaseElector:
             log.warning("leader election: could not release the lease: %s", error.reason)
 
     def keep_renewing(self, stop: threading.Event) -> None:
-        """Renew every third of the lease; give up (set `lost`) before another replica may take it."""
+        """Renew every third of the lease, and soon again after a failed try (a throttled or
+        failing API server); give up (set `lost`) before another replica may take it."""
         deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.duration_s)
-        while not stop.wait(self.duration_s / 3):
+        renewed = True
+        while not stop.wait(self.duration_s / 3 if renewed else min(self.retry_s, self.duration_s / 3)):
             try:
                 renewed = self.try_acquire(create=False)
             except Exception as error:  # an unreachable API server is not leadership
