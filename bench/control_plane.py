@@ -240,7 +240,7 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
         say(f"creating {runs} TrainingRuns")
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(create, names))
-        wait_until(lambda: len(watcher.pod_running) == runs, 120 + runs, "every training pod running")
+        wait_until(lambda: len(watcher.pod_running) == runs, 300 + 5 * runs, "every training pod running")
         to_workers = [watcher.pod_added[n] - created[n] for n in names]
         stages = {"create->prep pod": [watcher.prep_added[n] - created[n] for n in names],
                   "prep pod->its exit seen": [watcher.prep_done[n] - watcher.prep_added[n] for n in names],
@@ -256,8 +256,8 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
 
         say(f"releasing the training pods, {rate:.0f}/s")
         release(names, fifos, rate)
-        wait_until(lambda: len(watcher.trained) == runs, 120 + runs, "every run Trained")
-        wait_until(lambda: len(watcher.succeeded) == runs, 120 + runs, "every run Succeeded")
+        wait_until(lambda: len(watcher.trained) == runs, 300 + 5 * runs, "every run Trained")
+        wait_until(lambda: len(watcher.succeeded) == runs, 300 + 5 * runs, "every run Succeeded")
         wall = time.time() - time.monotonic()  # the watcher's times are monotonic, `date`'s wall
         exit_to_status = [watcher.trained[name] + wall - float((fifos / f"{name}-train-1-0.exited").read_text())
                           for name in names]
