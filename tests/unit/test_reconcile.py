@@ -17,8 +17,8 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 SETTINGS = OperatorSettings(trainer_image="trainer:test")
 SPEC = {"model": "meta-llama/Llama-3.2-1B", "trainDataPath": "/mnt/kubetune/data/train.jsonl",
         "registerTo": "main.ml"}
-STATS = {"samples": 100, "tokens": 5000, "truncatedSamples": 2, "sequences": 40,
-         "packingEfficiency": 0.9}
+STATS = {"samples": 100, "tokens": 5000, "truncatedSamples": 2, "droppedSamples": 1,
+         "sequences": 40, "packingEfficiency": 0.9}
 MODEL = {"name": "main.ml.demo", "version": "3", "artifactUri": "runs:/abc/hf"}
 
 
