@@ -186,12 +186,12 @@ def test_a_trainer_that_crashes_in_every_attempt_fails_the_run_with_its_exit_cod
                           if p["status"].get("phase") not in ("Succeeded", "Failed")],
              STOP_TIMEOUT, "no training pod left running")
 
-    # Annotated to keep its storage, the deleted run leaves its checkpoints for a look.
+    # Annotated to keep its storage, the deleted run leaves its files for a look.
     kubectl("annotate", "trainingrun", name, "-n", namespace, f"{KEEP_STORAGE_ANNOTATION}=true")
     kubectl("delete", "trainingrun", name, "-n", namespace, "--wait=false")
     wait_for(lambda: not children(kubectl, namespace, name), STOP_TIMEOUT, f"every child of {name} gone")
     if site.storage_folder:
-        assert list((Path(site.storage_folder) / namespace / name / "checkpoints").glob("*.pt"))
+        assert (Path(site.storage_folder) / namespace / name / "data" / "_SUCCESS").is_file()
 
 
 @pytest.fixture
