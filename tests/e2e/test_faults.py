@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -43,7 +42,6 @@ from .test_controls import (
 )
 
 pytestmark = pytest.mark.cluster
-MLFLOW_OUTAGE_S = 12  # longer than a few client retries, well inside the step's retry budget
 
 
 class ChildLedger:
@@ -61,6 +59,11 @@ class ChildLedger:
             uid = self.uids.setdefault(key, obj["metadata"]["uid"])
             assert uid == obj["metadata"]["uid"], f"{key} was created twice"
         return found
+
+
+def finalize_log(kubectl, namespace: str, name: str) -> str:
+    return kubectl("logs", f"-l=kubetune.dev/run={name},kubetune.dev/component=finalize",
+                   "-n", namespace, "--tail=-1", check=False).stdout
 
 
 def kill_operator(operator) -> int:
@@ -110,10 +113,9 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
         for phase in ("PreparingData", "Training", "Registering"):
             kills.append((phase, kill_in(phase, operator, kubectl, namespace, name, ledger, wait_for)))
             if phase == "Registering" and proxy:  # the training's MLflow calls are over by now
-                proxy.down()
-                wait_for(lambda: children(kubectl, namespace, name, "pods", component="finalize"),
-                         60, "the finalize pod")
-                time.sleep(MLFLOW_OUTAGE_S)
+                proxy.down()  # and up again once the finalize step has met the outage
+                wait_for(lambda: "retrying in" in finalize_log(kubectl, namespace, name), RUN_TIMEOUT,
+                         "the finalize step to retry MLflow", interval=1)
                 proxy.up()
             restart(operator, kills[-1][1], wait_for)
         run = wait_succeeded(kubectl, namespace, name, operator)
@@ -137,10 +139,10 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
     assert all(mirrors[camel(t)] <= 1 for t in ONE_SHOT_EVENTS), mirrors  # lost, perhaps; never twice
     versions = MlflowClient(site.tracking_uri).search_model_versions(f"name = '{model}'")
     assert [v.version for v in versions] == [status["registeredModel"]["version"]] == ["1"]
-    if proxy:  # the finalize step waited for MLflow instead of failing its pod
-        [finalize] = children(kubectl, namespace, name, "pods", component="finalize")
-        log = kubectl("logs", finalize["metadata"]["name"], "-n", namespace).stdout
-        assert "MLflow at" in log and "retrying in" in log, log[-3000:]
+    if proxy:  # the finalize step waited for MLflow in its one pod, instead of failing it
+        assert len(children(kubectl, namespace, name, "pods", component="finalize")) == 1
+        log = finalize_log(kubectl, namespace, name)
+        assert f"MLflow at {proxy.url}" in log and "registered" in log, log[-3000:]
 
     # Deleted while the operator is down: when it is back, nothing of the run is left.
     since = kill_operator(operator)
