@@ -2,8 +2,9 @@
 
 `prepare` (run_prepare) runs in a fresh process on seeded instruction rows (a JSONL file) and
 on seeded pre-training documents (a folder of .txt files); the peak resident memory of its
-whole process tree (the prepare process and its workers, sampled every 20 ms with psutil) is
-recorded at each size. Figure: peak at 16x over peak at 1x (1.0 is flat).
+whole process tree (the prepare process and its workers; PSS, sampled every 50 ms with psutil) is
+recorded at each size. The base size (4,000 rows, 8 chunks) already uses the worker processes,
+so the sizes differ in data only. Figure: peak at 16x over peak at 1x (1.0 is flat).
 
     .venv/bin/python bench/data_memory.py [--rows 4000]
 """
@@ -35,10 +36,12 @@ print(run_prepare(config)["dataStats"]["tokens"])
 
 
 def tree_rss(process: psutil.Process) -> int:
+    """Proportional set size summed over the tree: forked workers share the parent's pages
+    (copy on write), which plain RSS would count once per process."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_info().rss
+            total += member.memory_full_info().pss
         except psutil.Error:
             pass
     return total
@@ -51,7 +54,7 @@ def peak_rss(task: str, data: Path, model: Path, work: Path) -> tuple[int, int, 
     watched, peak = psutil.Process(child.pid), 0
     while child.poll() is None:
         peak = max(peak, tree_rss(watched))
-        time.sleep(0.02)
+        time.sleep(0.05)
     out, err = child.communicate()
     if child.returncode:
         sys.exit(f"prepare failed:\n{err[-3000:]}")
