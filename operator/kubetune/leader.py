@@ -107,7 +107,12 @@ class LeaseElector:
 
     def acquire(self, stop: threading.Event) -> bool:
         while not stop.is_set():
-            if self.try_acquire(create=self.create):
+            try:
+                won = self.try_acquire(create=self.create)
+            except Exception as error:  # a throttled or failing API server: ask again, do not crash
+                log.warning("leader election: %s", str(error).strip().splitlines()[0])
+                won = False
+            if won:
                 self.announce()
                 return True
             stop.wait(self.retry_s)
