@@ -255,15 +255,26 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         wait_for(lambda: probe(first[0], metrics_port, "/readyz") == 200, 60, "the leader's kopf to start")
         assert kubectl.json("get", "lease", LEASE, "-n", operator_ns)["spec"]["holderIdentity"]
 
-        # --- a run, long enough to upgrade the operator under it ---------------------------------
-        spec = {"model": inputs.model, "trainDataPath": inputs.data("ift-long.jsonl"),
-                "registerTo": "main.e2e.helm", "trainingDuration": "4ep", "learningRate": 1e-3,
+        # --- a short run to Succeeded, then a long one to upgrade the operator under --------------
+        spec = {"model": inputs.model, "trainDataPath": inputs.data("ift.jsonl"),
+                "registerTo": "main.e2e.helm", "trainingDuration": "1ep", "learningRate": 1e-3,
                 "contextLength": 128, "globalBatchSize": 8}
+        kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(trainingrun("short-run", spec)))
+        done = wait_phase(kubectl, namespace, "short-run", {"Succeeded", "Failed"}, RUN_TIMEOUT)
+        status = done["status"]
+        assert status["phase"] == "Succeeded", status
+        verdict = health(done, tmp_path, luahealth)
+        assert verdict == {"status": "Healthy",
+                           "message": f"Registered main.e2e.helm version {status['registeredModel']['version']}"}
+        long_spec = {**spec, "trainDataPath": inputs.data("ift-long.jsonl"), "trainingDuration": "20ep"}
         kubectl("apply", "-n", namespace, "-f", "-",
-                input=yaml.safe_dump(trainingrun("helm-run", spec)))
-        training = wait_phase(kubectl, namespace, "helm-run", {"Training", "Failed"}, RUN_TIMEOUT)
+                input=yaml.safe_dump(trainingrun("helm-run", long_spec)))
+        wait_for(lambda: (kubectl.json("get", "trainingrun", "helm-run", "-n", namespace)["status"]
+                          .get("progress") or {}).get("percent"), RUN_TIMEOUT, "helm-run to report progress")
+        training = kubectl.json("get", "trainingrun", "helm-run", "-n", namespace)
         assert training["status"]["phase"] == "Training", training["status"]
-        train_job = kubectl.json("get", "jobs", "-n", namespace, "-l", "kubetune.dev/component=train")["items"]
+        train_job = kubectl.json("get", "jobs", "-n", namespace, "-l",
+                                 "kubetune.dev/component=train,kubetune.dev/run=helm-run")["items"]
         assert len(train_job) == 1
         pod_spec = train_job[0]["spec"]["template"]["spec"]
         assert pod_spec["serviceAccountName"] == "kubetune-trainer"
@@ -284,15 +295,17 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         # The standby is live and Ready (it read the Lease), so `rollout status` finishes.
         wait_for(lambda: all(probe(p, metrics_port, path) == 200 for p in second for path in ("/healthz", "/readyz")),
                  60, "both replicas to be live and Ready")
-        done = wait_phase(kubectl, namespace, "helm-run", {"Succeeded", "Failed"}, RUN_TIMEOUT)
-        status = done["status"]
-        assert status["phase"] == "Succeeded", status
-        assert status["attempts"] == 1  # the roll restarted no training
-        jobs = kubectl.json("get", "jobs", "-n", namespace, "-l", "kubetune.dev/component=train")["items"]
+        # The new leader keeps reporting the same attempt's progress: the roll restarted nothing.
+        before = training["status"]["progress"]["percent"]
+        moved = wait_for(lambda: (lambda st: st.get("phase") == "Training" and st["progress"]["percent"] > before
+                                  and st)(kubectl.json("get", "trainingrun", "helm-run", "-n", namespace)["status"]),
+                         RUN_TIMEOUT, "helm-run's progress to move under the new operator")
+        assert moved["attempts"] == 1
+        jobs = kubectl.json("get", "jobs", "-n", namespace, "-l",
+                            "kubetune.dev/component=train,kubetune.dev/run=helm-run")["items"]
         assert [j["metadata"]["uid"] for j in jobs] == [train_job[0]["metadata"]["uid"]]
-        verdict = health(done, tmp_path, luahealth)
-        assert verdict == {"status": "Healthy",
-                           "message": f"Registered main.e2e.helm version {status['registeredModel']['version']}"}
+        kubectl("annotate", "trainingrun", "helm-run", "-n", namespace, "kubetune.dev/cancel=true")
+        wait_phase(kubectl, namespace, "helm-run", {"Cancelled"}, RUN_TIMEOUT)
 
         # --- Prometheus: the rules load, and every panel's query returns data -------------------
         rules = prometheus.api("rules")["groups"]
@@ -318,7 +331,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
     run_helm("uninstall", RELEASE, "--wait", "--timeout", "120s")
     wait_for(lambda: not operator_pods(kubectl, operator_ns), 60, "the operator pods to go")
     assert kubectl.json("get", "crd", "trainingruns.kubetune.dev")["metadata"]["name"]
-    kept = kubectl.json("get", "trainingrun", "helm-run", "-n", namespace)
+    kept = kubectl.json("get", "trainingrun", "short-run", "-n", namespace)
     assert kept["status"]["phase"] == "Succeeded"
     deadline = time.monotonic() + 30  # the garbage collector takes the ReplicaSets and pods
     while leftovers(kubectl, operator_ns, namespace) and time.monotonic() < deadline:

@@ -33,7 +33,13 @@ from .site import REPO, Inputs
 from .test_controls import (checkpoint_batch, first_trained_batch, rank0_log, wait_checkpoint,
                             wait_succeeded)
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.cluster, pytest.mark.slow,
+    # Written against the real manager but not yet run to green here (the build finished too late
+    # for a run on this machine): opt in until it has passed once.
+    pytest.mark.skipif(os.environ.get("KUBETUNE_E2E_KUEUE") != "1",
+                       reason="opt-in until first green: KUBETUNE_E2E_KUEUE=1 make test-e2e"),
+]
 
 KUEUE_MODULE = "sigs.k8s.io/kueue@v0.19.2"
 CLUSTER_QUEUE, LOCAL_QUEUE, FLAVOR = "kt-cluster-queue", "team-queue", "kt-default"
