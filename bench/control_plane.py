@@ -111,6 +111,7 @@ class Watcher:
         self.pod_running: set[str] = set()
         self.prep_added: dict[str, float] = {}
         self.prep_done: dict[str, float] = {}
+        self.train_done: dict[str, float] = {}  # the node agent reported the pod Succeeded
         self.trained: dict[str, float] = {}
         self.succeeded: set[str] = set()
         self.stop = threading.Event()
@@ -148,6 +149,8 @@ class Watcher:
         self.pod_added.setdefault(run, now)
         if phase == "Running":
             self.pod_running.add(run)
+        elif phase == "Succeeded":
+            self.train_done.setdefault(run, now)
 
     def _runs(self) -> None:
         custom = client.CustomObjectsApi(self.api_client)
@@ -261,6 +264,7 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
         wall = time.time() - time.monotonic()  # the watcher's times are monotonic, `date`'s wall
         exit_to_status = [watcher.trained[name] + wall - float((fifos / f"{name}-train-1-0.exited").read_text())
                           for name in names]
+        operator_share = [watcher.trained[n] - watcher.train_done[n] for n in names]
         rss = peak_rss_mb(operator.pid)
         watcher.stop.set()
         return {"runs": runs,
@@ -270,6 +274,9 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
                 "busiest": [(f"{verb} {resource}", round(per_s, 2)) for per_s, (resource, verb) in busiest],
                 "exit_to_status_p50": statistics.median(exit_to_status),
                 "exit_to_status_p95": percentile(exit_to_status, 95),
+                # The operator's share: from the pod's Succeeded reaching the API to status Trained.
+                "reported_to_status_p50": statistics.median(operator_share),
+                "reported_to_status_p95": percentile(operator_share, 95),
                 "operator_peak_rss_mb": rss}
     finally:
         if operator is not None:
