@@ -31,18 +31,6 @@ from kubetune_trainer.contract import (
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
     ENV_POD_IP,
-    ENV_SCRATCH_DIR,
-    EXIT_PERMANENT,
-)
-from kubetune_trainer.contract import (
-    ENV_HF_HOME,
-    ENV_HF_TOKEN,
-    ENV_MASTER_ADDR,
-    ENV_MASTER_PORT,
-    ENV_NNODES,
-    ENV_NODE_RANK,
-    ENV_NPROC_PER_NODE,
-    ENV_POD_IP,
     ENV_PREP_SHARD,
     ENV_PREP_SHARDS,
     ENV_SCRATCH_DIR,
