@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_inputs import model_folder, packed_rows, prepared_work_dir, run_config  # noqa: E402
 
 SEED = 11
-ROUNDS = 3
+ROUNDS = 2
 
 
 def trained_checkpoint(root: Path) -> tuple[Path, object]:
