@@ -399,9 +399,10 @@ def build_cleanup_job(ctx: BuildContext) -> dict[str, Any]:
     volume (the run's ConfigMap may be gone): the folder is its only argument."""
     command = [*ctx.settings.trainer_command, "cleanup", "--work-dir", ctx.config.work_dir]
     container = _container(ctx, "cleanup", command, {})
-    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "config"]
+    # Nor /tmp: it writes nothing of its own (and the test node agent would rewrite a /tmp path).
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] not in ("config", "tmp")]
     template = _pod_template(ctx, Component.CLEANUP, container)
-    template["spec"]["volumes"] = [v for v in template["spec"]["volumes"] if v["name"] != "config"]
+    template["spec"]["volumes"] = [v for v in template["spec"]["volumes"] if v["name"] not in ("config", "tmp")]
     metadata = {"name": cleanup_job_name(ctx.name), "namespace": ctx.namespace,
                 "labels": labels(ctx, Component.CLEANUP)}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
