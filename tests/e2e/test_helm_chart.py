@@ -16,10 +16,12 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -72,32 +74,75 @@ class Helm:
 
 # --- Prometheus -------------------------------------------------------------------------------
 
-def prometheus_config(kubeconfig: Path, operator_ns: str, runs_ns: str) -> dict:
-    """Pod discovery with the relabelling of the chart's ServiceMonitor and PodMonitor."""
-    def pods(namespace: str) -> list[dict]:
-        return [{"role": "pod", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": [namespace]}}]
+# Debian's prometheus is built without Kubernetes service discovery, so the test discovers the
+# pods itself, with the selection of the chart's ServiceMonitor (operator) and PodMonitor (trainer
+# rank 0), and hands them to Prometheus as file_sd targets refreshed every second.
+
+def operator_targets(pod: dict) -> dict | None:
+    labels = pod["metadata"].get("labels", {})
+    ready = any(c["type"] == "Ready" and c["status"] == "True"
+                for c in pod.get("status", {}).get("conditions", []))
+    if labels.get("app.kubernetes.io/instance") != RELEASE or not ready:
+        return None
+    return {"pod": pod["metadata"]["name"]}
+
+
+def trainer_targets(pod: dict) -> dict | None:
+    labels = pod["metadata"].get("labels", {})
+    if (labels.get("kubetune.dev/component"), labels.get("batch.kubernetes.io/job-completion-index")) != ("train", "0"):
+        return None
+    return {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"],
+            "trainingrun": labels.get("kubetune.dev/run", "")}
+
+
+def metrics_endpoints(pod: dict) -> list[str]:
+    ip = pod.get("status", {}).get("podIP")
+    return [f"{ip}:{port['containerPort']}" for c in pod["spec"]["containers"]
+            for port in c.get("ports", []) if port.get("name") == "metrics"] if ip else []
+
+
+class PodDiscovery:
+    """Writes `<job>.json` file_sd targets for the pods each job selects, once a second."""
+
+    def __init__(self, kubectl, workdir: Path, jobs: dict[str, tuple[str, Callable[[dict], dict | None]]]):
+        self.kubectl, self.workdir, self.jobs = kubectl, workdir, jobs
+        self.stopped = threading.Event()
+        self.refresh()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def file(self, job: str) -> Path:
+        return self.workdir / f"{job}.json"
+
+    def refresh(self) -> None:
+        for job, (namespace, select) in self.jobs.items():
+            listed = self.kubectl("get", "pods", "-n", namespace, "-o", "json", check=False)
+            if listed.returncode != 0:
+                continue
+            groups = [{"targets": endpoints, "labels": labels}
+                      for pod in json.loads(listed.stdout)["items"]
+                      if (labels := select(pod)) is not None and (endpoints := metrics_endpoints(pod))]
+            tmp = self.file(job).with_suffix(".tmp")
+            tmp.write_text(json.dumps(groups))
+            tmp.replace(self.file(job))
+
+    def loop(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.refresh()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=30)
+
+
+def prometheus_config(discovery: PodDiscovery) -> dict:
+    def job(name: str, **extra) -> dict:
+        return {"job_name": name, **extra,
+                "file_sd_configs": [{"files": [str(discovery.file(name))], "refresh_interval": "1s"}]}
     return {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {"job_name": "kubetune-operator", "honor_labels": True, "kubernetes_sd_configs": pods(operator_ns),
-             "relabel_configs": [
-                 {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance",
-                                    "__meta_kubernetes_pod_container_port_name"],
-                  "regex": f"{RELEASE};metrics", "action": "keep"},
-                 {"source_labels": ["__meta_kubernetes_pod_ready"], "regex": "true", "action": "keep"},
-                 {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"}]},
-            {"job_name": "kubetune-trainer", "kubernetes_sd_configs": pods(runs_ns),
-             "relabel_configs": [
-                 {"source_labels": ["__meta_kubernetes_pod_label_kubetune_dev_component",
-                                    "__meta_kubernetes_pod_label_batch_kubernetes_io_job_completion_index",
-                                    "__meta_kubernetes_pod_container_port_name"],
-                  "regex": "train;0;metrics", "action": "keep"},
-                 {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                 {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                 {"source_labels": ["__meta_kubernetes_pod_label_kubetune_dev_run"],
-                  "target_label": "trainingrun"}]},
-        ],
+        "scrape_configs": [job("kubetune-operator", honor_labels=True), job("kubetune-trainer")],
     }
 
 
@@ -236,7 +281,9 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
     values.write_text(yaml.safe_dump(chart_values(site, namespace, metrics_port, image)))
     run_helm = Helm(helm, cluster.kubeconfig, operator_ns)
     crd_was_there = kubectl("get", "crd", "trainingruns.kubetune.dev", check=False).returncode == 0
-    prometheus = Prometheus(tmp_path, prometheus_config(cluster.kubeconfig, operator_ns, namespace))
+    discovery = PodDiscovery(kubectl, tmp_path, {"kubetune-operator": (operator_ns, operator_targets),
+                                                   "kubetune-trainer": (namespace, trainer_targets)})
+    prometheus = Prometheus(tmp_path, prometheus_config(discovery))
     started = time.time()
     try:
         # --- install: the operator runs as the chart's pod, under Pod Security `restricted` -----
@@ -323,6 +370,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
             f"{prometheus.api('targets')['activeTargets']}")
     finally:
         prometheus.stop()
+        discovery.stop()
         logs = "\n".join(cluster.pod_logs(operator_ns, p["metadata"]["name"])[-3000:]
                          for p in operator_pods(kubectl, operator_ns)) if cluster.local else ""
         print(f"--- operator pods' logs:\n{logs}")  # shown when the test fails
