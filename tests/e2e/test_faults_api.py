@@ -10,7 +10,6 @@ finish as it would without faults: one attempt, one Job per step, every status u
 from __future__ import annotations
 
 import base64
-import os
 import ssl
 from collections import Counter
 from pathlib import Path
@@ -27,13 +26,7 @@ from .conftest import OperatorProcess, free_port, log_size, operator_env, wait_l
 from .test_controls import ONE_SHOT_EVENTS, RUN_TIMEOUT, TERMINAL, children, condition, create, \
     event_types, names, tiny_spec
 
-pytestmark = [
-    pytest.mark.cluster,
-    # The operator behind this proxy has not yet converged to green on this machine (its first
-    # runs failed): opt in until it has passed once.
-    pytest.mark.skipif(os.environ.get("KUBETUNE_E2E_FAULTY_API") != "1",
-                       reason="opt-in until first green: KUBETUNE_E2E_FAULTY_API=1 make test-e2e"),
-]
+pytestmark = pytest.mark.cluster
 FAULTS = Faults(seed=20261201, throttle=0.1, error=0.1, lost_reply=0.1, watch_cut=(2.0, 8.0), max_in_a_row=2)
 
 
