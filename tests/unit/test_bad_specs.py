@@ -233,8 +233,13 @@ def test_random_run_files_give_a_clear_line_not_a_traceback(data, tmp_path_facto
 
 @pytest.fixture
 def no_aws_credentials(monkeypatch, tmp_path):
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
+    # fsspec keeps one S3 filesystem per set of options for the process: an earlier test's, with
+    # its moto credentials, would answer instead of a credential-less one.
+    import fsspec
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups here
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
