@@ -105,15 +105,20 @@ class LeaseElector:
             raise
         return True
 
+    def try_once(self) -> bool:
+        """One try at the Lease, announced when won; a failing API server counts as a loss."""
+        try:
+            won = self.try_acquire(create=self.create)
+        except Exception as error:  # a throttled or failing API server: ask again, do not crash
+            log.warning("leader election: %s", str(error).strip().splitlines()[0])
+            return False
+        if won:
+            self.announce()
+        return won
+
     def acquire(self, stop: threading.Event) -> bool:
         while not stop.is_set():
-            try:
-                won = self.try_acquire(create=self.create)
-            except Exception as error:  # a throttled or failing API server: ask again, do not crash
-                log.warning("leader election: %s", str(error).strip().splitlines()[0])
-                won = False
-            if won:
-                self.announce()
+            if self.try_once():
                 return True
             stop.wait(self.retry_s)
         return False

@@ -114,14 +114,7 @@ def elect(options: RuntimeOptions, stop: threading.Event, health: Health):
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     elector = LeaseElector(client.CoordinationV1Api(), options.lease_namespace, options.lease_name, identity,
                            create=options.lease_create)
-    try:
-        won = elector.try_acquire(create=options.lease_create)
-    except Exception as error:  # a throttled or failing API server: keep asking, do not crash
-        log.warning("leader election: %s", str(error).strip().splitlines()[0])
-        won = False
-    if won:
-        elector.announce()
-    else:
+    if not elector.try_once():
         health.standby()  # the Lease was read: ready to take over
         if not elector.acquire(stop):
             return None
