@@ -94,7 +94,8 @@ class BuildContext:
 
     @property
     def queued(self) -> bool:
-        """Kueue admits a Job by un-suspending it, so queued Jobs are created suspended."""
+        """Kueue admits a Job by un-suspending it, so the queued (training) Job is created
+        suspended."""
         return bool(self.run.spec.scheduling.queue_name)
 
 
@@ -334,8 +335,11 @@ def _retry_policy(container_name: str) -> dict[str, Any]:
 
 def _job(ctx: BuildContext, name: str, component: Component, template: dict[str, Any],
          job_spec: dict[str, Any]) -> dict[str, Any]:
-    extra_labels = {LABEL_QUEUE: ctx.run.spec.scheduling.queue_name} if ctx.queued else None
-    spec = {**job_spec, "suspend": ctx.queued, "template": template}
+    # Only the training step waits for the queue's quota (GPUs): prepare and finalize are CPU
+    # work, and a queued prepare would hold a run back behind others' training for nothing.
+    queued = ctx.queued and component is Component.TRAIN
+    extra_labels = {LABEL_QUEUE: ctx.run.spec.scheduling.queue_name} if queued else None
+    spec = {**job_spec, "suspend": queued, "template": template}
     if ctx.run.spec.active_deadline_seconds:
         # A backstop should the operator be down; the operator enforces the run's deadline.
         spec["activeDeadlineSeconds"] = ctx.run.spec.active_deadline_seconds

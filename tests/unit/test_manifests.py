@@ -312,6 +312,14 @@ def test_finalize_runs_off_the_gpus() -> None:
     assert resources == {"requests": {"cpu": "64", "memory": "900Gi"}, "limits": {"memory": "900Gi"}}
 
 
+def test_only_the_training_job_of_a_queued_run_is_queued() -> None:
+    ctx = _context(GPU_RUN)
+    for job in (m.build_prep_job(ctx), m.build_finalize_job(ctx)):
+        assert job["spec"]["suspend"] is False, job["metadata"]["name"]
+        assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert m.build_train_job(ctx)["spec"]["suspend"] is True
+
+
 def test_unqueued_jobs_are_not_suspended() -> None:
     job = m.build_train_job(_context(CPU_RUN))
     assert job["spec"]["suspend"] is False

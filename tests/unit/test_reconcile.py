@@ -152,15 +152,25 @@ def test_no_storage_anywhere_is_an_invalid_spec() -> None:
 
 # --- queueing --------------------------------------------------------------------------------
 
-def test_queued_run_creates_suspended_jobs_and_waits_for_admission() -> None:
+def test_only_the_training_job_of_a_queued_run_waits_for_admission() -> None:
     b = body(scheduling={"queueName": "gpus"})
     plan, b = run(b, Observed())
+    assert b["status"]["phase"] == "PreparingData"  # prepare is CPU work: not queued
+    assert plan.create[1]["spec"]["suspend"] is False
+    plan, b = run(b, *PREPARED)
+    train = next(c for c in plan.create if c["metadata"]["name"] == "demo-train-1")
+    assert train["spec"]["suspend"] is True
     assert b["status"]["phase"] == "Queued"
-    assert plan.create[1]["spec"]["suspend"] is True
-    plan, b = run(b, world(prep=job(Component.PREP, suspended=True)))
+    running = condition(b, "Running")
+    assert (running["status"], running["reason"]) == ("False", "Queued")
+    assert "LocalQueue gpus" in running["message"]
+    plan, b = run(b, world(service=True, prep=PREPARED[0].prep,
+                           train=(job(Component.TRAIN, 1, suspended=True),)))
     assert plan.empty
-    plan, b = run(b, world(prep=job(Component.PREP, active=1)))  # Kueue admitted it
-    assert b["status"]["phase"] == "PreparingData"
+    plan, b = run(b, world(service=True, prep=PREPARED[0].prep,
+                           train=(job(Component.TRAIN, 1, active=1),)))  # Kueue admitted it
+    assert b["status"]["phase"] == "Training"
+    assert condition(b, "Running")["status"] == "True"
 
 
 def test_preempted_pods_are_not_a_failed_attempt() -> None:

@@ -96,6 +96,7 @@ class _Draft:
     reason: str = ""
     message: str = ""
     invalid: bool = False
+    queue: str | None = None  # the Kueue LocalQueue the training Job waits in
     create: list[Mapping[str, Any]] = field(default_factory=list)
     delete: list[ChildRef] = field(default_factory=list)
     notes: dict[EventType, str] = field(default_factory=dict)
@@ -190,6 +191,7 @@ def _advance(world: _World, draft: _Draft) -> None:
                   f"cancelled by the {world.settings.cancel_annotation} annotation")
     elif not _deadline_exceeded(world, draft):
         draft.suspended = run.spec.suspend
+        draft.queue = run.spec.scheduling.queue_name
         if not world.observed.config_map:
             draft.add(build_config_map(world.context()))
         if _prepare(world, draft) and _train(world, draft) and _register(world, draft):
@@ -228,8 +230,9 @@ def _run_job(world: _World, draft: _Draft, job: JobState | None,
              build: Callable[[], Mapping[str, Any]], phase: Phase, default_reason: str) -> bool:
     """Drive one step's Job; True once it has succeeded."""
     if job is None:
-        draft.add(build())
-        draft.phase = Phase.QUEUED if world.context().queued else phase
+        manifest = build()
+        draft.add(manifest)
+        draft.phase = Phase.QUEUED if manifest["spec"].get("suspend") else phase
         return False
     if job.terminating:  # deleted (suspend, retry): wait until it is gone, then recreate it
         draft.phase = phase
@@ -391,6 +394,11 @@ def _step_want(done: bool, reason: str, message: str, pending: str) -> Want:
     return Want("True", reason, message) if done else Want("False", pending)
 
 
+def _queued_message(queue: str | None) -> str:
+    return (f"the training Job waits in Kueue LocalQueue {queue} until its ClusterQueue has "
+            f"quota for it; its Workload says why (kubectl get workloads)")
+
+
 def _wanted_conditions(draft: _Draft) -> dict[str, Want]:
     phase, status = draft.phase, draft.status
     pending = draft.reason if draft.ended else phase.value
@@ -406,7 +414,8 @@ def _wanted_conditions(draft: _Draft) -> dict[str, Want]:
         REGISTERED: _step_want(is_true(status, REGISTERED), "Registered",
                                f"registered {model.get('name')} version {model.get('version')}",
                                pending),
-        RUNNING: Want("True" if phase in ACTIVE_PHASES else "False", phase.value),
+        RUNNING: Want("False", phase.value, _queued_message(draft.queue)) if phase is Phase.QUEUED
+        else Want("True" if phase in ACTIVE_PHASES else "False", phase.value),
         SUSPENDED: Want("True", "Suspended", "spec.suspend is true") if phase is Phase.SUSPENDED
         else Want("False", phase.value),
         SUCCEEDED: Want("True" if phase is Phase.SUCCEEDED else "False", pending,
