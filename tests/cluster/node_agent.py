@@ -23,17 +23,25 @@ Stand-ins, because there is no container runtime:
 - Image: the image is not pulled; the command runs on this machine with PATH led by the folder
   of the Python running the agent, so `python`, `torchrun`, ... are those of the test venv.
 - `kubectl logs` works: the agent serves the kubelet's /containerLogs endpoint over TLS.
+
+Event-driven, so that hundreds of pods at once do not queue behind each other: one worker thread
+owns all pod state and sleeps until something happens (a watch event, a container process
+exiting — a pidfd per process —, a timer of a pod, a finished API call); it looks only at the
+pods concerned. API calls (bindings, status patches, deletions, volume reads) run on a small
+thread pool and report back to the worker as events.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.server
 import json
 import logging
 import os
 import queue
 import random
+import selectors
 import shutil
 import signal
 import ssl
@@ -47,7 +55,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -80,7 +87,10 @@ log = logging.getLogger("kubetune.node_agent")
 NODE_NAME = "kt-node-0"
 CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8",
             "ephemeral-storage": "100Gi"}
-TICK = 0.2                    # seconds between process polls and status pushes
+TICK = 1.0                    # the longest the worker sleeps (heartbeats); pods wake it
+POLL = 0.2                    # process poll interval where a pidfd cannot be had
+RETRY = 1.0                   # seconds before a failed API call of a pod is tried again
+IO_THREADS = 8                # API calls in flight at once (a kubelet's are concurrent too)
 LEASE_SECONDS, RENEW_EVERY, NODE_STATUS_EVERY = 40, 10.0, 60.0
 DNS_WAIT = 30.0
 BACKOFF = (1, 2, 4, 8, 10)    # container restart back-off, short for tests (kubelet: 10s..5m)
@@ -109,6 +119,10 @@ class PodRun:
     delete_sent: bool = False
     reported: dict | None = None
     report_after: float = 0.0
+    retry_at: float = 0.0             # volumes or the final delete failed: try again then
+    wake_at: float = 0.0              # the worker looks at this pod again then (0: no timer)
+    busy: set[str] = field(default_factory=set)          # API calls in flight: "report", ...
+    pidfds: dict[str, int] = field(default_factory=dict)  # container -> pidfd of its process
 
     def __post_init__(self) -> None:
         spec = self.pod["spec"]
@@ -128,8 +142,20 @@ class PodRun:
         status = {**(self.pod.get("status") or {}), "podIP": self.ip, "hostIP": "127.0.0.1"}
         return {**self.pod, "status": status}
 
+    def phase(self) -> str:
+        return pod_phase(self.init, self.app, self.policy)
+
+    def next_look(self, now: float) -> float:
+        """When a timer of this pod is due (0.0: none): restart back-off, kill deadline, retries."""
+        times = [t for t in (*self.not_before.values(), self.report_after, self.retry_at) if t > now]
+        if self.kill_at is not None and self.procs:
+            times.append(self.kill_at)
+        if any(name not in self.pidfds for name in self.procs):
+            times.append(now + POLL)
+        return min(times, default=0.0)
+
     def status(self) -> dict:
-        phase = pod_phase(self.init, self.app, self.policy)
+        phase = self.phase()
         init_done = all(c.state == "terminated" and c.exit_code == 0 for c in self.init)
         conds = self.conditions.build(phase, init_done, all(c.state == "running" for c in self.app))
         return pod_status(phase, conds, self.ip, self.start_time, self.init, self.app)
@@ -150,7 +176,14 @@ class NodeAgent:
         self.base_env = env if env is not None else default_env()
         self.runs: dict[str, PodRun] = {}          # pod uid -> run, pods bound to this node
         self.unschedulable: set[str] = set()
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.Queue = queue.Queue()   # (kind, payload) for the worker, see _post
+        self.dirty: set[str] = set()               # uids of pods the worker must look at
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.io = concurrent.futures.ThreadPoolExecutor(IO_THREADS, "node-agent-io")
         self.stopping = threading.Event()
         self.net = random.randint(16, 250)
         self.ips_given = 0
@@ -175,10 +208,15 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+        self._wake()
         for t in self.threads:
             t.join(timeout=5 if t.name.endswith("work") else 0.5)
+        self.io.shutdown(wait=False, cancel_futures=True)
         for run in list(self.runs.values()):
             kill_all(run, signal.SIGKILL)
+        self.selector.close()
+        for fd in [self._wake_r, self._wake_w] + [fd for run in self.runs.values() for fd in run.pidfds.values()]:
+            os.close(fd)
         if self.log_server:
             self.log_server.shutdown()
         log.removeHandler(self.log_handler)
@@ -265,7 +303,7 @@ class NodeAgent:
             try:
                 listed = json.loads(self.core.list_pod_for_all_namespaces(
                     _preload_content=False, _request_timeout=10).data)
-                self.events.put(("SYNC", listed["items"]))
+                self._post("SYNC", listed["items"])
                 version, backoff = listed["metadata"]["resourceVersion"], 0.5
                 while not self.stopping.is_set():
                     version = self._watch_once(version)
@@ -286,7 +324,7 @@ class NodeAgent:
                     raise RuntimeError(f"watch error: {event['object'].get('message')}")
                 version = event["object"]["metadata"]["resourceVersion"]
                 if event["type"] != "BOOKMARK":
-                    self.events.put((event["type"], event["object"]))
+                    self._post(event["type"], event["object"])
                 if self.stopping.is_set():
                     break
         finally:
@@ -294,11 +332,21 @@ class NodeAgent:
         return version
 
     # -- the worker: events in, processes and status out ------------------------------------
+    def _post(self, kind: str, payload) -> None:
+        """Hand something to the worker, from any thread."""
+        self.events.put((kind, payload))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:   # the pipe is full: the worker is awake anyway
+            pass
+
     def _work(self) -> None:
         while not self.stopping.is_set():
             try:
-                kind, obj = self.events.get(timeout=TICK)
-                self._handle(kind, obj)
+                self._wait(self._sleep_for())
                 while True:
                     self._handle(*self.events.get_nowait())
             except queue.Empty:
@@ -307,8 +355,51 @@ class NodeAgent:
                 log.exception("node agent event handling failed")
             self._tick()
 
+    def _sleep_for(self) -> float:
+        if self.dirty or not self.events.empty():
+            return 0.0
+        now = time.monotonic()
+        due = min((r.wake_at for r in self.runs.values() if r.wake_at), default=now + TICK)
+        return max(0.0, min(due, self.next_lease, self.next_node_status, now + TICK) - now)
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until woken: by _post (the pipe) or by a container process exiting (its pidfd)."""
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                self.dirty.add(key.data)
+
+    def _io(self, run: PodRun, what: str, call, *args) -> None:
+        """Run an API call of a pod on the pool; its outcome comes back as a DONE event."""
+        run.busy.add(what)
+        uid = run.pod["metadata"]["uid"]
+
+        def task() -> None:
+            try:
+                outcome = call(*args)
+            except Exception as e:  # noqa: BLE001 - the worker decides what a failure means
+                outcome = e
+            self._post("DONE", (uid, what, outcome))
+        self.io.submit(task)
+
+    def _background(self, what: str, call, *args) -> None:
+        """An API call nobody waits for (a binding, a heartbeat): failures are only logged."""
+        def task() -> None:
+            try:
+                call(*args)
+            except Exception as e:  # noqa: BLE001
+                log.info("%s failed: %s", what, e)
+        self.io.submit(task)
+
     def _handle(self, kind: str, obj) -> None:
-        if kind == "SYNC":
+        if kind == "DONE":
+            self._done(*obj)
+        elif kind == "SYNC":
             live = {p["metadata"]["uid"] for p in obj}
             for uid in [u for u in self.runs if u not in live]:
                 self._forget(uid)
@@ -332,10 +423,12 @@ class NodeAgent:
         if run is None:
             if (pod.get("status") or {}).get("phase") in TERMINAL:   # finished before a restart
                 if meta.get("deletionTimestamp"):
-                    self._delete_now(meta["namespace"], meta["name"], uid)
+                    self._background(f"deleting pod {meta['name']}", self._delete_now,
+                                     meta["namespace"], meta["name"], uid)
                 return
             run = self.runs[uid] = self._new_run(pod)
         run.pod = pod
+        self.dirty.add(uid)
         if meta.get("deletionTimestamp") and run.kill_at is None:
             grace = meta.get("deletionGracePeriodSeconds", spec.get("terminationGracePeriodSeconds", 30))
             self._begin_termination(run, float(grace))
@@ -352,66 +445,103 @@ class NodeAgent:
         meta = pod["metadata"]
         ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
         if schedulable(pod, self.labels):
-            binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                       "target": {"apiVersion": "v1", "kind": "Node", "name": self.node}}
-            try:
-                self.core.create_namespaced_pod_binding(name, ns, binding, _preload_content=False)
-            except ApiException as e:
-                if e.status not in (404, 409):   # gone, or bound meanwhile
-                    raise
+            self._background(f"binding pod {ns}/{name}", self._bind, ns, name)
         elif uid not in self.unschedulable and not pod["spec"].get("schedulingGates"):
             self.unschedulable.add(uid)
             cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                     "lastTransitionTime": now_iso(),
                     "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node "
                                "affinity/selector."}
-            self.core.patch_namespaced_pod_status(name, ns, {"status": {"conditions": [cond]}},
-                                                  _preload_content=False)
+            self._background(f"reporting pod {ns}/{name} unschedulable", self.core.patch_namespaced_pod_status,
+                             name, ns, {"status": {"conditions": [cond]}})
+
+    def _bind(self, ns: str, name: str) -> None:
+        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": self.node}}
+        try:
+            self.core.create_namespaced_pod_binding(name, ns, binding, _preload_content=False)
+        except ApiException as e:
+            if e.status not in (404, 409):   # gone, or bound meanwhile
+                raise
 
     def _forget(self, uid: str) -> None:
         run = self.runs.pop(uid, None)
         if run:
             kill_all(run, signal.SIGKILL)
+            for name in list(run.pidfds):
+                self._untrack(run, name)
 
     def _tick(self) -> None:
+        """Look at the pods that changed or whose timer is due, and at nothing else."""
         now = time.monotonic()
-        for uid, run in list(self.runs.items()):
+        due = [run for uid, run in self.runs.items()
+               if uid in self.dirty or (run.wake_at and run.wake_at <= now)]
+        self.dirty.clear()
+        # One scan of the processes for everything the exited containers left behind.
+        signal_marked([mark for run in due for mark in self._reap(run)], signal.SIGKILL)
+        for run in due:
             try:
                 self._advance(run, now)
                 self._report(run, now)
                 if run.kill_at is not None and not run.procs and not run.delete_sent \
-                        and run.reported == run.status():
+                        and "delete" not in run.busy and now >= run.retry_at and run.reported == run.status():
                     meta = run.pod["metadata"]
-                    run.delete_sent = self._delete_now(meta["namespace"], meta["name"], uid)
+                    self._io(run, "delete", self._delete_now, meta["namespace"], meta["name"], meta["uid"])
             except Exception:  # noqa: BLE001
                 log.exception("node agent: pod %s", run.key)
+            run.wake_at = run.next_look(now)
+        if now >= self.next_lease:
+            self.next_lease = now + RENEW_EVERY
+            self._background("renewing the node lease", self._heartbeat, self._renew_lease)
+        if now >= self.next_node_status:
+            self.next_node_status = now + NODE_STATUS_EVERY
+            self._background("pushing the node status", self._heartbeat, self._push_node_status)
+
+    def _heartbeat(self, push) -> None:
         try:
-            if now >= self.next_lease:
-                self._renew_lease()
-                self.next_lease = now + RENEW_EVERY
-            if now >= self.next_node_status:
-                self._push_node_status()
-                self.next_node_status = now + NODE_STATUS_EVERY
-        except Exception as e:  # noqa: BLE001 - API server away: retry soon
-            log.info("node heartbeat failed: %s", e)
-            self.next_lease = now + 1.0
+            push()
+        except Exception:   # API server away: retry soon
+            self.next_lease = time.monotonic() + 1.0
+            raise
 
     def _report(self, run: PodRun, now: float) -> None:
+        if "report" in run.busy or now < run.report_after:
+            return   # a report in flight: its outcome makes the worker look again
         status = run.status()
-        if status == run.reported or now < run.report_after:
+        if status != run.reported:
+            meta = run.pod["metadata"]
+            self._io(run, "report", self._patch_status, meta["namespace"], meta["name"], status)
+
+    def _patch_status(self, ns: str, name: str, status: dict) -> dict:
+        self.core.patch_namespaced_pod_status(name, ns, {"status": status}, _preload_content=False)
+        return status
+
+    def _done(self, uid: str, what: str, outcome) -> None:
+        """An API call of a pod came back (on the worker thread, which owns the pod's state)."""
+        run = self.runs.get(uid)
+        if run is None:
             return
-        meta = run.pod["metadata"]
-        try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status},
-                                                  _preload_content=False)
-            run.reported = status
-        except ApiException as e:
-            if e.status == 404:
-                self._forget(meta["uid"])
+        run.busy.discard(what)
+        self.dirty.add(uid)
+        now = time.monotonic()
+        if what == "report":
+            if isinstance(outcome, ApiException) and outcome.status == 404:
+                self._forget(uid)
+            elif isinstance(outcome, Exception):
+                run.report_after = now + RETRY   # API server away: retry
             else:
-                run.report_after = now + 1.0
-        except Exception:  # noqa: BLE001 - API server away: retry
-            run.report_after = now + 1.0
+                run.reported = outcome
+        elif what == "delete":
+            run.delete_sent = outcome is True
+            run.retry_at = 0.0 if run.delete_sent else now + RETRY
+        elif what == "volumes":
+            if isinstance(outcome, Exception):
+                message = str(outcome) if isinstance(outcome, ContainerConfigError) else repr(outcome)
+                for c in run.init + run.app:
+                    c.waiting("ContainerCreating", f"MountVolume failed: {message}")
+                run.retry_at = now + RETRY
+            else:
+                run.volumes = outcome
 
     def _delete_now(self, ns: str, name: str, uid: str) -> bool:
         try:
@@ -428,20 +558,16 @@ class NodeAgent:
 
     # -- containers -------------------------------------------------------------------------
     def _advance(self, run: PodRun, now: float) -> None:
-        self._reap(run)
         if run.kill_at is not None:
             if run.procs and now >= run.kill_at:
                 kill_all(run, signal.SIGKILL)
             return
-        if run.status()["phase"] in TERMINAL:
+        if run.phase() in TERMINAL:
             return
         if run.volumes is None:
-            try:
-                run.volumes = self._materialize_volumes(run)
-            except ContainerConfigError as e:
-                for c in run.init + run.app:
-                    c.waiting("ContainerCreating", f"MountVolume failed: {e}")
-                return
+            if "volumes" not in run.busy and now >= run.retry_at:
+                self._io(run, "volumes", self._materialize_volumes, run)
+            return
         spec = run.pod["spec"]
         for c, state in zip(spec.get("initContainers") or [], run.init, strict=True):
             if not (state.state == "terminated" and state.exit_code == 0):
@@ -483,6 +609,17 @@ class NodeAgent:
                 return
         run.procs[c["name"]] = proc
         state.running(proc.pid)
+        try:
+            run.pidfds[c["name"]] = fd = os.pidfd_open(proc.pid)
+            self.selector.register(fd, selectors.EVENT_READ, run.pod["metadata"]["uid"])
+        except OSError:   # no pidfds here (or the process is gone already): polled instead
+            run.pidfds.pop(c["name"], None)
+
+    def _untrack(self, run: PodRun, container: str) -> None:
+        fd = run.pidfds.pop(container, None)
+        if fd is not None:
+            self.selector.unregister(fd)
+            os.close(fd)
 
     def _process_spec(self, run: PodRun, c: dict) -> tuple[list[str], dict[str, str], str]:
         """argv, environment and working folder of one container, with the stand-ins applied."""
@@ -535,14 +672,17 @@ class NodeAgent:
                 return run.ip
         return None
 
-    def _reap(self, run: PodRun) -> None:
+    def _reap(self, run: PodRun) -> list[str]:
+        """Record the containers whose process exited; their marks, for what they left behind."""
+        marks = []
         specs = {c["name"]: c for c in (run.pod["spec"].get("initContainers") or []) + run.pod["spec"]["containers"]}
         states = {s.name: s for s in run.init + run.app}
         for name, proc in list(run.procs.items()):
             if proc.poll() is None:
                 continue
             signal_group(proc.pid, signal.SIGKILL)   # what the container left behind dies with it
-            signal_marked(container_mark(run, name), signal.SIGKILL)
+            marks.append(container_mark(run, name))
+            self._untrack(run, name)
             del run.procs[name]
             code = exit_code_of(proc.returncode)
             term = run.dir / "containers" / name / "termination-log"
@@ -551,6 +691,7 @@ class NodeAgent:
                                           tail_bytes(logfile, 4096), code,
                                           specs[name].get("terminationMessagePolicy", "File"))
             states[name].terminated(code, message)
+        return marks
 
     def _begin_termination(self, run: PodRun, grace: float) -> None:
         run.kill_at = time.monotonic() + grace
@@ -661,20 +802,31 @@ def container_mark(run: PodRun, container: str) -> str:
     return f"{run.dir.name}/{container}"
 
 
-def signal_marked(mark: str, sig: int) -> None:
-    for process in psutil.process_iter():
+def signal_marked(marks: list[str], sig: int) -> None:
+    """Signal every process whose environment carries one of `marks`, in one pass over /proc
+    (read directly: psutil costs about 1 ms a process, and a busy node runs hundreds)."""
+    wanted = {f"{CONTAINER_MARK}={mark}".encode() for mark in marks}
+    if not wanted:
+        return
+    key = CONTAINER_MARK.encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
         try:
-            if process.environ().get(CONTAINER_MARK) == mark:
-                process.send_signal(sig)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+            if key in environ and wanted.intersection(environ.split(b"\0")):
+                os.kill(int(entry.name), sig)
+        except (OSError, ValueError):   # gone meanwhile, or not ours to read
             pass
 
 
 def kill_all(run: PodRun, sig: int) -> None:
-    for name, proc in list(run.procs.items()):
+    for proc in run.procs.values():
         signal_group(proc.pid, sig)
-        signal_marked(container_mark(run, name), sig)
-        if sig == signal.SIGKILL:
+    signal_marked([container_mark(run, name) for name in run.procs], sig)
+    if sig == signal.SIGKILL:
+        for proc in run.procs.values():
             proc.wait()
 
 
