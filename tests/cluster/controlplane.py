@@ -128,6 +128,7 @@ class ControlPlane:
     # machine they route to, and the API server listens on every interface.
     advertise_address: str = "127.0.0.1"
     controllers: tuple[str, ...] = CONTROLLERS
+    kcm_args: tuple[str, ...] = ()  # more kube-controller-manager flags (the load bench's QPS)
     _own_workdir: bool = False
 
     # -- public API -------------------------------------------------------------------------
@@ -270,7 +271,7 @@ class ControlPlane:
                 "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={self.sa_key.key}",
                 f"--root-ca-file={self.ca.cert}",
-                "--cluster-name=kubetune", "--v=1"]
+                "--cluster-name=kubetune", "--v=1", *self.kcm_args]
 
     # -- readiness probes -------------------------------------------------------------------
     def _etcd_ready(self) -> bool:
