@@ -80,7 +80,7 @@ _TRIMMED = r"^\S(.*\S)?$"
 _NOT_BLANK = r"\S"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
-_RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 _QUANTITY = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 _STORAGE_URI = r"^([A-Za-z][A-Za-z0-9+.-]*://\S+|/\S*)$"
 # Data files by extension: IFT/CHAT read JSONL, so these other formats are a mistake there;
@@ -278,8 +278,8 @@ class Resources(_Spec):
     """Training pods (nodes)."""
     gpus_per_node: int = Field(0, ge=0, le=64)
     """GPUs per pod; 0 trains on CPU (gloo)."""
-    gpu_resource_name: Annotated[str, Field(max_length=253, pattern=_RESOURCE_NAME)] = "nvidia.com/gpu"
-    """Extended resource name that the GPUs are requested under."""
+    gpu_resource_name: Annotated[str, Field(max_length=253, pattern=RESOURCE_NAME_PATTERN)] | None = None
+    """Extended resource name the GPUs are requested under; default: the operator's (nvidia.com/gpu)."""
     processes_per_node: int | None = Field(None, ge=1, le=64)
     """Training processes per pod; default: gpusPerNode, or 1 on CPU."""
     cpu: Quantity | None = None

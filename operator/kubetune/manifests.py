@@ -158,7 +158,7 @@ def build_service(ctx: BuildContext) -> dict[str, Any]:
 # --- containers ------------------------------------------------------------------------------
 
 def _quantities(cpu: str | None, memory: str | None, gpus: int = 0,
-                gpu_resource: str = "nvidia.com/gpu") -> dict[str, Any]:
+                gpu_resource: str = "") -> dict[str, Any]:
     # CPU gets a request, no limit (limits throttle data loaders); memory and GPUs are fixed.
     requests = {k: v for k, v in (("cpu", cpu), ("memory", memory)) if v}
     limits = {"memory": memory} if memory else {}
@@ -375,7 +375,7 @@ def build_train_job(ctx: BuildContext) -> dict[str, Any]:
     container = _container(
         ctx, "train", _train_command(ctx),
         _quantities(resources.cpu, resources.memory, resources.gpus_per_node,
-                    resources.gpu_resource_name),
+                    resources.gpu_resource_name or ctx.settings.gpu_resource),
         env=_rendezvous_env(ctx), ports=[metrics], shared_memory=True)
     template = _pod_template(ctx, Component.TRAIN, container, shared_memory=True,
                              subdomain=service_name(ctx.name))

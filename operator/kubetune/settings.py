@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import MAX_EVENTS, OWNER_ANNOTATION
+from .api import MAX_EVENTS, OWNER_ANNOTATION, RESOURCE_NAME_PATTERN
 from .names import MAX_BACKOFF_LIMIT
 
 ENV_PREFIX = "KUBETUNE_"
@@ -49,6 +49,8 @@ class OperatorSettings(BaseModel):
     storage_mount_path: str = "/mnt/kubetune"
     storage_uri: str | None = None
 
+    # The extended resource GPUs are requested under when a run names none (amd.com/gpu, ...).
+    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253, pattern=RESOURCE_NAME_PATTERN)
     mlflow_tracking_uri: str | None = None
     metrics_port: int = Field(default=9400, ge=1, le=65535)
     master_port: int = Field(default=29500, ge=1, le=65535)

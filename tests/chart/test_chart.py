@@ -35,6 +35,16 @@ def test_chart_crd_is_the_generated_crd_with_argocd_sync_options():
     assert copy == source
 
 
+def test_the_gpu_resource_value_is_checked_as_the_operator_checks_it():
+    from kubetune.api import RESOURCE_NAME_PATTERN
+    from kubetune.settings import OperatorSettings
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    value = schema["properties"]["defaults"]["properties"]["gpuResource"]
+    assert value["pattern"] == RESOURCE_NAME_PATTERN
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["defaults"]["gpuResource"]
+    assert default == OperatorSettings().gpu_resource
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_helm_lint(value_set):
     proc = run([helm(), "lint", "--strict", CHART, *values_args(value_set)])

@@ -45,7 +45,8 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert spec.learning_rate is None and spec.context_length is None and spec.eval_data_path is None
     assert spec.validate_inputs is True and spec.suspend is False and spec.eval_prompts == []
     assert (spec.resources.nodes, spec.resources.gpus_per_node, spec.resources.processes()) == (1, 0, 1)
-    assert spec.resources.gpu_resource_name == "nvidia.com/gpu" and spec.resources.shared_memory == "8Gi"
+    assert spec.resources.gpu_resource_name is None  # the operator's KUBETUNE_GPU_RESOURCE
+    assert spec.resources.shared_memory == "8Gi"
     assert spec.image.pull_policy is api.PullPolicy.IF_NOT_PRESENT and spec.image.trainer is None
     assert spec.storage.pvc is None and spec.storage.uri is None
     assert spec.data_prep.parallelism == 1

@@ -355,6 +355,22 @@ def test_no_storage_at_all_is_a_spec_problem() -> None:
     assert error.value.field == "spec.storage"
 
 
+def test_gpus_are_requested_under_the_operators_resource_name_unless_the_run_names_one() -> None:
+    amd = OperatorSettings(gpu_resource="amd.com/gpu")
+    limits = m.build_train_job(_context(GPU_RUN, settings=amd))["spec"]["template"]["spec"][
+        "containers"][0]["resources"]["limits"]
+    assert limits["amd.com/gpu"] == "8" and "nvidia.com/gpu" not in limits
+    own = {**GPU_RUN, "spec": {**GPU_RUN["spec"], "resources": {
+        **GPU_RUN["spec"]["resources"], "gpuResourceName": "gpu.intel.com/i915"}}}
+    limits = m.build_train_job(_context(own, settings=amd))["spec"]["template"]["spec"][
+        "containers"][0]["resources"]["limits"]
+    assert limits["gpu.intel.com/i915"] == "8" and "amd.com/gpu" not in limits
+    assert OperatorSettings.from_env({"KUBETUNE_GPU_RESOURCE": "amd.com/gpu"}).gpu_resource == "amd.com/gpu"
+    assert OperatorSettings.from_env({}).gpu_resource == "nvidia.com/gpu"
+    with pytest.raises(ValueError, match="gpu_resource"):
+        OperatorSettings.from_env({"KUBETUNE_GPU_RESOURCE": "nvidia gpu"})
+
+
 def test_settings_from_env() -> None:
     settings = OperatorSettings.from_env({
         "KUBETUNE_TRAINER_IMAGE": "img:2",
