@@ -34,7 +34,8 @@ from kubetune_trainer.contract import (
     EXIT_PERMANENT,
 )
 
-from .api import TERMINAL, Phase
+from .api import TERMINAL, Phase, Progress
+from .foundation_model.follow import progress_text
 from .kubelet import command_line, exit_code_of, resolve_env, tail_bytes, termination_message
 from .manifests import COMPLETION_INDEX_ANNOTATION, JOB_NAME_LABEL, LABEL_RUN
 from .reconcile import ChildRef, PlannedEvent, observe
@@ -359,7 +360,7 @@ class LocalRun:
         # Registering too: the run's last progress (100%) lands as training ends.
         if not progress or self.phase not in (Phase.TRAINING.value, Phase.REGISTERING.value):
             return
-        line = progress_line(progress)
+        line = f"  training {progress_text(Progress.model_validate(progress))}"  # the SDK's line
         if line != self.last_progress:
             self.last_progress = line
             self.say(line)
@@ -382,16 +383,3 @@ class LocalRun:
         finally:
             self.cluster.stop_all()
         return self.phase
-
-
-def progress_line(progress: dict[str, Any]) -> str:
-    eta = progress.get("etaSeconds")
-    return "  training {:5.1f}%  loss {}  {} tok/s  ETA {}".format(
-        float(progress.get("percent") or 0), _num(progress.get("loss")),
-        _num(progress.get("tokensPerSecond"), 0), "-" if eta is None else f"{_num(eta, 0)}s")
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{float(value):.{digits}f}" if digits else str(int(float(value)))

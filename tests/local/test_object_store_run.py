@@ -19,7 +19,7 @@ def test_a_run_on_s3_storage_succeeds_and_leaves_everything_in_the_bucket(s3_env
     done = kubetune("run", str(run_file), "--local", "--workdir", str(workdir))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     work_uri = s3_env.uri(f"{prefix}/default/quickstart")
-    assert "training 100.0%" in done.stdout  # progress read from rank 0's staging copy
+    assert "] 100.0%" in done.stdout  # progress read from rank 0's staging copy
     assert f"model folder:     {work_uri}/hf" in done.stdout
     assert len(registered_versions(workdir, "main.demo.quickstart")) == 1
 

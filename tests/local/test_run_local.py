@@ -61,7 +61,7 @@ def test_quickstart_runs_end_to_end_and_registers_a_loadable_model(finished_run)
     for event in ("CREATED", "VALIDATED", "DATA_VALIDATED", "TRAIN_STARTED", "CHECKPOINT_SAVED",
                   "TRAIN_FINISHED", "REGISTERED", "COMPLETED"):
         assert event in out, out
-    assert "training 100.0%" in out  # live progress reached the terminal
+    assert "] 100.0%" in out  # live progress reached the terminal, as the SDK draws it
     assert "registered model: main.demo.quickstart version 1" in out
     folder = next(line.split(":", 1)[1].strip() for line in out.splitlines()
                   if line.startswith("model folder:"))

@@ -10,7 +10,6 @@ from kubetune.local import (
     container_env,
     local_body,
     merge_patch,
-    progress_line,
 )
 
 
@@ -62,13 +61,6 @@ def test_container_env_resolves_the_downward_api_and_points_rank0_at_loopback(mo
     assert env["NODE_RANK"] == "1" and env["POD_IP"] == "127.0.0.1" and env["MASTER_ADDR"] == "127.0.0.1"
     assert "KUBETUNE_TRAINER_IMAGE" not in env
     assert "HF_TOKEN" not in env or env["HF_TOKEN"] != ""
-
-
-def test_progress_line_shows_unknowns_as_a_dash():
-    assert progress_line({"percent": 0, "loss": None, "tokensPerSecond": None, "etaSeconds": None}) == (
-        "  training   0.0%  loss -  - tok/s  ETA -")
-    assert progress_line({"percent": 50, "loss": 5.7049, "tokensPerSecond": 8894.2, "etaSeconds": 1.4}) == (
-        "  training  50.0%  loss 5.705  8894 tok/s  ETA 1s")
 
 
 JOB = {"apiVersion": "batch/v1", "kind": "Job",

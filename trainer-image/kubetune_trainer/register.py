@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterator
 from .config import RunConfig
 from .convert import MARKER
 from .errors import TransientError, UserError
+from .results import write_json_atomically
+from .tracking import RUN_NAME_TAG, RUN_UID_TAG, tracking_uri
 
 log = logging.getLogger(__name__)
 
-RUN_UID_TAG = "kubetune.run_uid"
-RUN_NAME_TAG = "kubetune.run_name"
 TRAINING_RUN_TAG = "kubetune.training_run_id"
 MODEL_ARTIFACT = "model"  # the MLflow model in the run's artifacts
 HF_SUBFOLDER = "model"  # where mlflow.transformers keeps the checkpoint's files inside it
@@ -62,7 +62,7 @@ def run_register(config: RunConfig) -> dict:
         os.environ.setdefault(variable, value)
     started = time.monotonic()
     result = with_retries(lambda: register_once(config, name, hf_dir), retry_seconds())
-    write_json(Path(config.result_dir) / "register.json", result)
+    write_json_atomically(Path(config.result_dir) / "register.json", result, indent=2)
     log.info("registered %s version %s in %.1fs", name, result["registeredModel"]["version"],
              time.monotonic() - started)
     return result
@@ -134,12 +134,6 @@ def training_run(config: RunConfig) -> dict[str, str] | None:
         return None
     mlflow_ids = recorded.get("mlflow") or {}
     return mlflow_ids if mlflow_ids.get("runId") else None
-
-
-def tracking_uri(config: RunConfig) -> str:
-    import mlflow
-
-    return config.mlflow_tracking_uri or mlflow.get_tracking_uri()  # env var, else ./mlruns
 
 
 def mlflow_client(config: RunConfig):
@@ -309,9 +303,3 @@ def describe(client, version) -> dict[str, Any]:
         "mlflow": {"experimentId": run.info.experiment_id, "runId": run.info.run_id},
     }
 
-
-def write_json(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2))
-    partial.replace(path)  # atomic: a reader sees the old document or the new one

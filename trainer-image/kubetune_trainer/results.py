@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ def fit(document: dict[str, Any], limit: int = MAX_RESULT_BYTES) -> str:
         document = {**document, RESULT_MESSAGE: message[: max(0, len(message) // 2 - 3)] + "..."}
         text = json.dumps(document, sort_keys=True)
     return text
+
+
+def write_json_atomically(path: Path, document: dict[str, Any], indent: int | None = None) -> None:
+    """A reader sees the old document or the new one, never half of one. The temporary name is
+    unique across pods: several may write beside each other on shared storage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_text(json.dumps(document, indent=indent, sort_keys=True))
+    os.replace(temp, path)
 
 
 def write_result(step: str, ok: bool, **fields: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 from ..config import RunConfig, is_object_store
 from ..contract import ENV_PREP_SHARD, ENV_PREP_SHARDS
 from ..errors import UserError
+from ..results import write_json_atomically
 from .analysis import Encoder, Setup, Shard, checked_report, read_part, setup, split_report
 from .packing import Sample, empty_arrays, fill_row
 from .parts import Merged, Part, SampleReader, is_done, load_part, merge
@@ -108,12 +109,6 @@ def write_rows(folder: Path, merged: Merged, bins: tuple[np.ndarray, np.ndarray]
     writer.close(meta)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
 def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str, list[Part]]) -> dict[str, Any]:
     """Merge each split's parts, check, pack and write `data/`; the result fields."""
     merged = {split: merge(split_parts, config.max_reported_errors) for split, split_parts in parts.items()}
@@ -132,7 +127,7 @@ def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str,
         os.replace(temp, data_dir)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    write_atomically(data_dir / SUCCESS, json.dumps(fields, sort_keys=True))
+    write_json_atomically(data_dir / SUCCESS, fields)
     return fields
 
 

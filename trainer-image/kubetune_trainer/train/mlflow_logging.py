@@ -7,7 +7,6 @@ tagged with the Composer run name, which embeds the TrainingRun's uid.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,9 +15,9 @@ from composer.loggers import Logger, MLFlowLogger
 
 from .. import checkpoints
 from ..config import RunConfig
-from ..contract import ENV_MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID
+from ..contract import MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID
+from ..tracking import NAMESPACE_TAG, RUN_NAME_TAG, RUN_UID_TAG, tracking_uri
 
-RUN_UID_TAG = "kubetune.run_uid"
 CHECKPOINT_FOLDER_TAG = "kubetune.checkpoint_folder"
 LATEST_CHECKPOINT_TAG = "kubetune.latest_checkpoint"
 CHECKPOINT_INDEX = "kubetune/checkpoints.json"
@@ -29,13 +28,9 @@ def composer_run_name(config: RunConfig) -> str:
     return f"{config.run_name}-{config.run_uid}"
 
 
-def tracking_uri(config: RunConfig) -> str | None:
-    return config.mlflow_tracking_uri or os.environ.get(ENV_MLFLOW_TRACKING_URI)  # None: MLflow's default
-
-
 def mlflow_logger(config: RunConfig, system_metrics: bool) -> MLFlowLogger:
-    tags = {RUN_UID_TAG: config.run_uid, "kubetune.run_name": config.run_name,
-            "kubetune.namespace": config.namespace, CHECKPOINT_FOLDER_TAG: config.storage_uri(config.checkpoint_dir)}
+    tags = {RUN_UID_TAG: config.run_uid, RUN_NAME_TAG: config.run_name,
+            NAMESPACE_TAG: config.namespace, CHECKPOINT_FOLDER_TAG: config.storage_uri(config.checkpoint_dir)}
     return MLFlowLogger(experiment_name=config.experiment_path, run_name=config.run_name,
                         tracking_uri=tracking_uri(config), tags=tags, resume=True,
                         log_system_metrics=system_metrics,
@@ -61,7 +56,7 @@ def hyperparameters(config: RunConfig, context_length: int, world_size: int) -> 
             "custom_weights_path": config.custom_weights_path or ""}
 
 
-def mark_failed(run_id: str, uri: str | None) -> None:
+def mark_failed(run_id: str, uri: str) -> None:
     """Composer's logger ends even a crashed run as FINISHED (mlflow.end_run's default status)."""
     from mlflow import MlflowClient
 

@@ -7,9 +7,7 @@ when no scrape is possible, e.g. local mode).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from composer.loggers import Logger
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from .. import contract
+from ..results import write_json_atomically
 
 
 @dataclass
@@ -92,13 +91,6 @@ class ProgressMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
-
-
-def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(json.dumps(document, sort_keys=True))
-    os.replace(temp, path)
 
 
 def progress_ratio(state: State) -> float:

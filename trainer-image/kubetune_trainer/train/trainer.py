@@ -22,14 +22,16 @@ from ..config import RunConfig
 from ..contract import (ENV_POD_IP, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID, RESULT_LATEST_CHECKPOINT, RESULT_MLFLOW,
                         RESULT_RESUME_NOTE, TRAIN_RESULT_FILE)
 from ..errors import UserError, storage_full
+from ..results import write_json_atomically
 from ..storage import Mirror
+from ..tracking import tracking_uri
 from .callbacks import CheckpointGenerations, CheckpointUploader, CheckpointWatcher, WeightsDigest
 from .dataset import data_spec, open_prepared
 from .flops import flops_per_token, peak_flops
 from .lion import DecoupledLionW
-from .mlflow_logging import RunRecord, composer_run_name, hyperparameters, mark_failed, mlflow_logger, tracking_uri
+from .mlflow_logging import RunRecord, composer_run_name, hyperparameters, mark_failed, mlflow_logger
 from .model import composer_model, load_custom_weights
-from .progress import Progress, write_json_atomically
+from .progress import Progress
 from .runtime import Runtime, flash_attention_installed, runtime_for
 from .schedule import WarmupLinearDecay
 
