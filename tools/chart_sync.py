@@ -48,7 +48,8 @@ def rbac_rules() -> str:
 
     rules = {"clusterWide": rbac.operator_rules(cluster_wide=True),
              "namespaced": rbac.operator_rules(cluster_wide=False),
-             "leaderElection": rbac.leader_election_rules()}
+             "leaderElection": rbac.leader_election_rules(),
+             "users": rbac.user_rules()}
     return HEADER.format(source="operator/kubetune/rbac.py") + yaml.safe_dump(rules, sort_keys=True)
 
 

@@ -16,6 +16,10 @@ tested is what ships. Why each rule exists:
   (read, create when absent, replace to renew).
 - the CRD/namespace observation kopf does when watching cluster-wide; kopf's own peering objects
   only when peering is used instead of the Lease (`peering=True`).
+
+`user_rules` are for people, not the operator: the chart aggregates them into the built-in
+`view` (read runs) and `edit`/`admin` (also create, change, delete them) ClusterRoles, so whoever
+may edit a namespace may run training there. Status stays the operator's (read-only to users).
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ def framework_cluster_rules(peering: bool) -> list[dict[str, Any]]:
 
 def leader_election_rules() -> list[dict[str, Any]]:
     return [_rule("coordination.k8s.io", ["leases"], LEASE_VERBS)]
+
+
+def user_rules() -> dict[str, list[dict[str, Any]]]:
+    """Rules aggregated into the built-in roles: `view` reads runs, `edit` (and `admin`) manage
+    them. Each is whole on its own, so neither depends on how the other aggregates."""
+    def read() -> dict[str, Any]:
+        return _rule(GROUP, [PLURAL, f"{PLURAL}/status"], READ)
+    manage = _rule(GROUP, [PLURAL], ["create", "delete", "deletecollection", "patch", "update"])
+    return {"view": [read()], "edit": [read(), manage]}
 
 
 def operator_rules(*, cluster_wide: bool = True, peering: bool = False) -> list[dict[str, Any]]:

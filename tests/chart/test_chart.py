@@ -125,9 +125,17 @@ def rules_of(objects: list[dict], kind: str) -> dict[str, list]:
     return {o["metadata"].get("namespace", ""): o["rules"] for o in by_kind(objects, kind)}
 
 
+def cluster_roles(objects: list[dict]) -> dict[str, list]:
+    return {o["metadata"]["name"]: o["rules"] for o in by_kind(objects, "ClusterRole")}
+
+
+USER_ROLES = {"kt-kubetune-view": rbac.user_rules()["view"], "kt-kubetune-edit": rbac.user_rules()["edit"]}
+
+
 def test_cluster_wide_rbac_is_exactly_kubetune_rbac():
     objects = render()
-    assert rules_of(objects, "ClusterRole") == {"": rbac.operator_rules(cluster_wide=True)}
+    assert cluster_roles(objects) == {"kt-kubetune": rbac.operator_rules(cluster_wide=True), **USER_ROLES}
+    assert [b["roleRef"]["name"] for b in by_kind(objects, "ClusterRoleBinding")] == ["kt-kubetune"]
     assert rules_of(objects, "Role") == {"kubetune-system": rbac.leader_election_rules()}
     assert {o["kind"] for o in objects} <= OPERATOR_KINDS
 
@@ -137,7 +145,8 @@ def test_namespaced_rbac_is_a_role_per_namespace_and_nothing_cluster_scoped():
     namespaced = rbac.operator_rules(cluster_wide=False)
     assert rules_of(objects, "Role") == {"team-a": namespaced, "team-b": namespaced,
                                          "kubetune-system": rbac.leader_election_rules()}
-    assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
+    # Cluster-scoped only the user roles, bound to no one: the operator has no cluster-wide right.
+    assert cluster_roles(objects) == USER_ROLES and by_kind(objects, "ClusterRoleBinding") == []
     trainers = [o for o in by_kind(objects, "ServiceAccount") if o["metadata"]["name"] == "kubetune-trainer"]
     assert [t["metadata"]["namespace"] for t in trainers] == ["team-a", "team-b"]
     assert all(t["automountServiceAccountToken"] is False for t in trainers)

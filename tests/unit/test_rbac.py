@@ -125,3 +125,14 @@ def test_peering_rules_only_when_asked() -> None:
                          ids=lambda o: f"{o['kind']}-{o['metadata']['name']}")
 def test_validates_against_kubernetes_schema(obj: dict[str, Any]) -> None:
     kubernetes_validate.validate(obj, "1.35.0", strict=True)
+
+
+def test_people_with_view_read_runs_and_people_with_edit_manage_them_but_never_their_status() -> None:
+    roles = rbac.user_rules()
+    assert allows(roles["view"], "kubetune.dev", "trainingruns", "watch")
+    assert not allows(roles["view"], "kubetune.dev", "trainingruns", "create")
+    for verb in ("create", "patch", "delete", "get"):
+        assert allows(roles["edit"], "kubetune.dev", "trainingruns", verb)
+    for role in roles.values():
+        assert not allows(role, "kubetune.dev", "trainingruns/status", "patch")  # the operator's
+        assert {g for rule in role for g in rule["apiGroups"]} == {"kubetune.dev"}
