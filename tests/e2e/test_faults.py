@@ -182,8 +182,9 @@ def test_a_trainer_that_crashes_in_every_attempt_fails_the_run_with_its_exit_cod
     assert "Train time/batch" in failed["message"], failed["message"]  # the log tail
     events = [e for e in status["events"] if e["type"] in ("RETRYING", "FAILED")]
     assert [e["type"] for e in events] == ["RETRYING", "FAILED"], status["events"]
-    # The RETRYING event keeps the end of the detail (the log tail); its start, the exit code, is cut.
+    # The RETRYING event keeps the exit code and the end of the log tail; only the tail's start is cut.
     assert events[0]["message"].startswith("attempt 1 failed") and "Train time/batch" in events[0]["message"]
+    assert "exited with code 137" in events[0]["message"], events[0]["message"]
     assert "code 137" in events[1]["message"]
     wait_for(lambda: not [p for p in children(kubectl, namespace, name, "pods", component="train")
                           if p["status"].get("phase") not in ("Succeeded", "Failed")],

@@ -280,6 +280,18 @@ def test_retryable_failure_restarts_all_ranks_as_a_new_attempt() -> None:
     assert run(b, _training(gone, job(Component.TRAIN, 2)))[0].empty
 
 
+def test_the_retrying_event_keeps_the_reason_and_exit_code_and_cuts_only_the_log_tail() -> None:
+    b = training_body()
+    log_tail = "first line of a long log " + "x" * 2000 + " Train time/batch: 12"
+    crashed = job(Component.TRAIN, 1, pods=(pod("Failed", exit_code=137, message=log_tail),))
+    plan, b = run(b, _training(crashed))
+    retrying = plan.events[0]
+    assert retrying.type is EventType.RETRYING
+    assert "TrainingFailed: pod p0 exited with code 137: ..." in retrying.message
+    assert retrying.message.endswith("Train time/batch: 12") and "first line" not in retrying.message
+    assert len(retrying.message) < 600  # the detail is bounded (400), the summary in front of it is kept
+
+
 def test_one_failed_rank_fails_the_attempt_before_the_job_says_so() -> None:
     b = training_body(resources={"nodes": 2}, globalBatchSize=16)
     ranks = (pod(index=0), pod("Failed", index=1, exit_code=1))

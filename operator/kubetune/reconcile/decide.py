@@ -285,10 +285,10 @@ def _retry_or_fail(world: _World, draft: _Draft, job: JobState, attempt: int) ->
                    f"the last: {failure.reason}: {failure.message}")
         return None
     draft.remove(job, world.namespace)
-    # What happens next first: the detail (often a log tail) is cut, never the summary.
+    # What happens next first; of the failure, only the log tail's start is cut, never its exit code.
     draft.notes[EventType.RETRYING] = (
         f"attempt {attempt} failed, restarting all ranks from the latest checkpoint as attempt "
-        f"{attempt + 1} of {limit + 1}: {failure.reason}: {_tail(failure.message, RETRY_DETAIL)}")
+        f"{attempt + 1} of {limit + 1}: {failure.reason}: {failure.within(RETRY_DETAIL)}")
     return attempt + 1
 
 
@@ -465,11 +465,6 @@ def _settled(body: Mapping[str, Any], old: Mapping[str, Any], observed: Observed
         return Plan(delete=delete)
     left = ttl - (now - finished).total_seconds()
     return Plan(delete=delete, delete_run=left <= 0, requeue_after=left if left > 0 else None)
-
-
-def _tail(message: str, size: int) -> str:
-    """The end of a long message: where a log tail says what went wrong."""
-    return message if len(message) <= size else "..." + message[-(size - 3):]
 
 
 def _short(message: str) -> str:

@@ -115,8 +115,23 @@ class JobState:
 @dataclass(frozen=True)
 class Failure:
     reason: str
-    message: str
+    summary: str  # the step's own message, or which pod exited with which code
     permanent: bool
+    log_tail: str = ""  # the end of the pod's log, when it died without a result
+
+    @property
+    def message(self) -> str:
+        return f"{self.summary}: {self.log_tail}" if self.log_tail else self.summary
+
+    def within(self, size: int) -> str:
+        """The message in at most `size` characters: the summary (the exit code) is kept, the
+        log tail loses its start, farthest from the crash."""
+        if len(self.message) <= size:
+            return self.message
+        room = size - len(self.summary) - len(": ...")
+        if not self.log_tail or room <= 0:
+            return self.summary[: size - 3] + "..."
+        return f"{self.summary}: ...{self.log_tail[-room:]}"
 
 
 def job_failure(job: JobState, default_reason: str) -> Failure:
@@ -126,17 +141,19 @@ def job_failure(job: JobState, default_reason: str) -> Failure:
     failed = sorted((p for p in job.pods if p.failed), key=lambda p: (not p.permanent, p.index))
     if failed:
         pod = failed[0]
-        reason = (pod.result or {}).get(RESULT_REASON) or default_reason
-        message = (pod.result or {}).get(RESULT_MESSAGE) or _exit_message(pod)
-        return Failure(str(reason), str(message), pod.permanent)
+        reason = str((pod.result or {}).get(RESULT_REASON) or default_reason)
+        message = (pod.result or {}).get(RESULT_MESSAGE)
+        if message:
+            return Failure(reason, str(message), pod.permanent)
+        # Died without a result: its exit code, then the end of its log.
+        return Failure(reason, _exit_summary(pod), pod.permanent, pod.message)
     return Failure(default_reason, job.failed_message or f"Job {job.name} failed", False)
 
 
-def _exit_message(pod: PodState) -> str:
-    """A pod that died without a result: its exit code, then the end of its log."""
-    code = f"pod {pod.name} exited with code {pod.exit_code}" if pod.exit_code is not None \
-        else f"pod {pod.name} failed"
-    return f"{code}: {pod.message}" if pod.message else code
+def _exit_summary(pod: PodState) -> str:
+    if pod.exit_code is None:
+        return f"pod {pod.name} failed"
+    return f"pod {pod.name} exited with code {pod.exit_code}"
 
 
 @dataclass(frozen=True)
