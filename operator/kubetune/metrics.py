@@ -16,6 +16,10 @@ RUNS_BY_PHASE = Gauge("kubetune_trainingruns", "TrainingRuns by namespace and ph
 RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Time of one reconcile",
                               registry=REGISTRY,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+RECONCILE_WAIT_SECONDS = Histogram("kubetune_reconcile_wait_seconds",
+                                   "From a change of a run or its child to the start of its reconcile",
+                                   registry=REGISTRY,
+                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised",
                            ["reason"], registry=REGISTRY)
 RUN_PHASE = Gauge("kubetune_trainingrun_phase_info", "1 for the current phase of each run",

@@ -2,11 +2,13 @@
 reads, naming, options."""
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from kubernetes import client
 
 from kubetune.k8s.cluster import Cluster, camel
+from kubetune.k8s.handlers import Wakeups
 from kubetune.k8s.informer import ChildStore
 from kubetune.k8s.main import RuntimeOptions
 from kubetune.tick import ProgressReader, scrape
@@ -146,3 +148,19 @@ def test_the_run_decided_on_is_never_older_than_our_own_last_write():
     edited = run_at("14", "Training")  # a user's edit after it: the watch's copy wins
     assert cluster.newest(edited) is edited
     assert cluster.newest(stale) is stale  # our write is forgotten once the watch passed it
+
+
+def test_a_poke_is_timed_from_the_first_change_until_its_reconcile_takes_it():
+    wakeups = Wakeups()
+    event = wakeups.event("ns", "r")
+    wakeups.poke("ns", "other")  # a run with no loop: nothing kept
+    assert wakeups.take("ns", "other") is None
+    before = time.monotonic()
+    wakeups.poke("ns", "r")
+    wakeups.poke("ns", "r")  # a second change before the reconcile: the first one's time stands
+    first = wakeups.take("ns", "r")
+    assert event.is_set() and first is not None and before <= first <= time.monotonic()
+    assert wakeups.take("ns", "r") is None  # taken: a timer's tick has no wait to report
+    wakeups.poke("ns", "r")
+    wakeups.forget("ns", "r")
+    assert wakeups.take("ns", "r") is None

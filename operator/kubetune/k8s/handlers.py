@@ -37,6 +37,7 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._poked_at: dict[tuple[str, str], float] = {}  # the first poke not yet taken
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def event(self, namespace: str, name: str) -> asyncio.Event:
@@ -45,15 +46,21 @@ class Wakeups:
     def poke_from_thread(self, namespace: str, name: str) -> None:
         """What the informer's threads call."""
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.poke, namespace, name)
+            self.loop.call_soon_threadsafe(self.poke, namespace, name, time.monotonic())
 
-    def poke(self, namespace: str, name: str) -> None:
+    def poke(self, namespace: str, name: str, at: float | None = None) -> None:
         event = self._events.get((namespace, name))
         if event is not None:
             event.set()
+            self._poked_at.setdefault((namespace, name), time.monotonic() if at is None else at)
+
+    def take(self, namespace: str, name: str) -> float | None:
+        """When the run was first poked since the last take (None: not poked, e.g. a timer)."""
+        return self._poked_at.pop((namespace, name), None)
 
     def forget(self, namespace: str, name: str) -> None:
         self._events.pop((namespace, name), None)
+        self._poked_at.pop((namespace, name), None)
 
 
 async def sleep_until_woken(wake: asyncio.Event, timeout: float) -> None:
@@ -64,10 +71,12 @@ async def sleep_until_woken(wake: asyncio.Event, timeout: float) -> None:
 
 
 def tick(cluster: Cluster, run: dict[str, Any], settings: OperatorSettings,
-         progress: ProgressReader) -> float | None:
+         progress: ProgressReader, poked_at: float | None = None) -> float | None:
     """One reconcile; the seconds until the run wants looking at again (None: no wish)."""
     meta = run["metadata"]
     started = time.monotonic()
+    if poked_at is not None:  # a change's wait for its reconcile: the event loop, then a free thread
+        metrics.RECONCILE_WAIT_SECONDS.observe(started - poked_at)
     try:
         children = cluster.children(meta["namespace"], meta["name"])
         plan = reconcile(cluster, run, children, settings, progress, datetime.now(timezone.utc))
@@ -93,12 +102,13 @@ def register(settings: OperatorSettings, resync: float) -> None:
             loop = asyncio.get_running_loop()
             while True:
                 wake.clear()  # before reading: a change from now on wakes the next tick
+                poked_at = memo.wakeups.take(namespace, name)
                 run = memo.cluster.newest(dict(body))
                 if run["metadata"].get("deletionTimestamp"):
                     return  # the garbage collector takes the children
                 try:
                     wanted = await loop.run_in_executor(memo.executor, tick, memo.cluster, run,
-                                                        settings, memo.progress)
+                                                        settings, memo.progress, poked_at)
                 except Exception as error:  # counted and logged; tried again soon
                     metrics.RECONCILE_ERRORS.labels(type(error).__name__).inc()
                     log.warning("reconcile %s/%s failed: %s", namespace, name, error)
