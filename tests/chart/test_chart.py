@@ -172,6 +172,12 @@ def test_a_mistyped_value_is_refused_naming_it():
     assert proc.returncode != 0 and "logLevel" in proc.stderr, proc.stderr
 
 
+def test_kube_version_is_enforced():
+    assert run([helm(), "template", "kt", CHART, "--kube-version", "1.30.0-eks-1"]).returncode == 0
+    proc = run([helm(), "template", "kt", CHART, "--kube-version", "1.29.9"])
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr and ">=1.30.0-0" in proc.stderr, proc.stderr
+
+
 def test_notes_tell_the_next_commands():
     proc = run([helm(), "install", "kt", CHART, "-n", "kubetune-system", "--dry-run=client"])
     assert proc.returncode == 0, proc.stderr
