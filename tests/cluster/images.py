@@ -10,17 +10,20 @@ No registry is reachable here, so every image is built on this machine:
 Each image's tag is `localhost/kubetune/<name>:<hash>`, the hash over its Containerfile, build
 arguments and context files, so an unchanged image is not rebuilt; buildah's own layer cache
 (`--layers`) makes a source change rebuild only the layers after the dependencies. The buildah
-storage lives in ~/.cache/kubetune/buildah-<driver>. `load(image, ctr_address)` imports an image into a
-containerd's `k8s.io` namespace.
+storage lives in ~/.cache/kubetune/buildah-<driver>. `load(tag, ctr_address, containerd_root)` imports
+an image into a containerd's `k8s.io` namespace, sending only the layers that containerd lacks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -171,15 +174,87 @@ def build(image: Image) -> str:
     return tag
 
 
-def load(tag: str, ctr_address: Path, alias: str | None = None) -> None:
-    """Import `tag` into the containerd at `ctr_address` (namespace k8s.io), also as `alias`."""
-    with tempfile.TemporaryDirectory(prefix="kubetune-img-", dir=cache_root()) as tmp:
-        archive = Path(tmp) / "image.tar"
-        buildah("push", tag, f"docker-archive:{archive}:{tag}")
-        ctr = ["ctr", f"--address={ctr_address}", "-n", "k8s.io"]
-        run([*ctr, "images", "import", str(archive)], f"ctr import {tag}")
-    if alias:
-        run([*ctr, "images", "tag", "--force", tag, alias], f"ctr tag {alias}")
+# -- into containerd: only the layers it lacks ---------------------------------------------------
+#
+# containerd's content store keeps blobs by digest, as an OCI layout does. skopeo copies an image
+# into a layout whose blobs are hard links of the store's own (containers/image skips a blob
+# already there) and leaves new layers uncompressed, so a layer's digest is its diff ID, the same
+# at every build and in both stores. `ctr import` then gets a tar of the manifest, the config and
+# the layers containerd lacks: after a source change, the few MB of the source layers, not 7 GB.
+
+CONTENT_BLOBS = Path("io.containerd.content.v1.content/blobs/sha256")   # under a containerd root
+IMAGE_NAME = "io.containerd.image.name"   # the annotation ctr import names an image by
+OCI_LAYOUT = b'{"imageLayoutVersion": "1.0.0"}'
+
+
+def storage_reference(tag: str) -> str:
+    storage = cache_root() / f"buildah-{STORAGE_DRIVER}"
+    return f"containers-storage:[{STORAGE_DRIVER}@{storage}/root+{storage}/run]{tag}"
+
+
+def blobs_to_send(manifest_digest: str, manifest: dict, have: set[str]) -> list[str]:
+    """Hex digests of the blobs an import must carry: the manifest and the config always (tiny),
+    the layers only where the content store (`have`, hex digests) lacks them."""
+    layers = [hex_of(layer["digest"]) for layer in manifest["layers"]]
+    return [hex_of(manifest_digest), hex_of(manifest["config"]["digest"]),
+            *(d for d in dict.fromkeys(layers) if d not in have)]
+
+
+def import_index(manifest: dict, names: tuple[str, ...]) -> dict:
+    """An OCI index naming one manifest descriptor once per image name."""
+    return {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": manifest["mediaType"], "digest": manifest["digest"],
+                           "size": manifest["size"], "annotations": {IMAGE_NAME: name}} for name in names]}
+
+
+def hex_of(digest: str) -> str:
+    algorithm, _, value = digest.partition(":")
+    if algorithm != "sha256":
+        raise ImageError(f"unexpected digest {digest!r}: containerd's store here holds sha256 blobs")
+    return value
+
+
+def load(tag: str, ctr_address: Path, containerd_root: Path, aliases: tuple[str, ...] = ()) -> int:
+    """Import `tag` (also named `aliases`) into the containerd at `ctr_address`, whose root
+    folder is `containerd_root`, namespace k8s.io; the bytes of layers it had to send."""
+    content = containerd_root / CONTENT_BLOBS
+    have = {p.name for p in content.iterdir()} if content.is_dir() else set()
+    with tempfile.TemporaryDirectory(prefix="kubetune-oci-", dir=cache_root()) as tmp:
+        blobs = Path(tmp) / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        for name in have:
+            os.link(content / name, blobs / name)
+        run(["skopeo", "copy", "--quiet", "--dest-oci-accept-uncompressed-layers",
+             storage_reference(tag), f"oci:{tmp}:{tag}"], f"skopeo copy {tag}")
+        descriptor = json.loads((Path(tmp) / "index.json").read_text())["manifests"][0]
+        manifest = json.loads((blobs / hex_of(descriptor["digest"])).read_text())
+        send = blobs_to_send(descriptor["digest"], manifest, have)
+        index = json.dumps(import_index(descriptor, (tag, *aliases))).encode()
+        ctr_import(ctr_address, blobs, send, index, tag)
+        return sum(layer["size"] for layer in manifest["layers"] if hex_of(layer["digest"]) in send)
+
+
+def ctr_import(ctr_address: Path, blobs: Path, send: list[str], index: bytes, what: str) -> None:
+    """Stream an OCI archive (layout file, index, the `send` blobs) into `ctr images import -`."""
+    argv = ["ctr", f"--address={ctr_address}", "-n", "k8s.io", "images", "import", "-"]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+                for name, data in (("oci-layout", OCI_LAYOUT), ("index.json", index)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                for digest in send:
+                    tar.add(blobs / digest, f"blobs/sha256/{digest}")
+        except BrokenPipeError:
+            pass   # ctr stopped reading: its exit status and stderr say why
+        finally:
+            proc.stdin.close()
+        if proc.wait() != 0:
+            err.seek(0)
+            raise ImageError(f"ctr import {what} failed ({proc.returncode}): "
+                             f"{err.read().decode(errors='replace')[-2000:]}")
 
 
 def run(argv: list[str], what: str) -> None:

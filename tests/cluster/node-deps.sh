@@ -3,7 +3,7 @@
 # builder, a root-filesystem builder for stand-in base images), only those missing.
 set -euo pipefail
 need=()
-for pair in containerd:containerd runc:runc buildah:buildah debootstrap:debootstrap \
+for pair in containerd:containerd runc:runc buildah:buildah skopeo:skopeo debootstrap:debootstrap \
             iptables:iptables containernetworking-plugins:/usr/lib/cni/bridge; do
   pkg="${pair%%:*}"; probe="${pair#*:}"
   if [[ "$probe" == /* ]]; then [[ -e "$probe" ]] || need+=("$pkg")

@@ -18,9 +18,11 @@ kubelet root dir and cgroup root, so kubelets never see each other's containers.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -35,13 +37,14 @@ from .controlplane import Component, ControlPlane, free_port, http_get
 
 NODE_BINARIES = ("kubelet", "kube-scheduler", "kube-proxy", "coredns", "crictl", "pause")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip", "nsenter",
-              "buildah", "debootstrap")
+              "buildah", "skopeo", "debootstrap")
 CNI_BIN = Path("/usr/lib/cni")
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
 CLUSTER_DNS, DNS_PORT = "10.96.0.10", 1053
 GPU_RESOURCE, GPUS_PER_NODE = "nvidia.com/gpu", "8"
 CGROUP_V1 = Path("/sys/fs/cgroup")
 PAUSE_ALIAS = "registry.k8s.io/pause:3.10"
+log = logging.getLogger(__name__)
 
 
 class NodeError(RuntimeError):
@@ -395,25 +398,45 @@ class Nodes:
 # -- images: one containerd root holding them, cloned by hard links into every node ----------------
 
 def containerd_seed(tags: dict[str, str], timeout: float = 60.0) -> Path:
-    """A containerd root with `tags` imported (and pause as PAUSE_ALIAS), built once per set of
-    tags under ~/.cache/kubetune: the trainer image is ~6 GB, and importing it into every node's
-    own containerd at every start would cost minutes and twice the disk."""
+    """A containerd root with `tags` imported (and pause as PAUSE_ALIAS), one per set of tags
+    under ~/.cache/kubetune, cloned by hard links into every node: the trainer image is ~7 GB.
+    A new set starts from the last seed, so only layers it lacks are imported and unpacked (after
+    a source change, the source layers); images of the old set are then removed from it."""
     key = hashlib.sha256(json.dumps(sorted(tags.values())).encode()).hexdigest()[:12]
     seed = binaries.cache_root() / f"containerd-seed-{key}"
     if (seed / "complete").exists():
         return seed / "root"
-    # Start from the last seed: layers it holds (the trainer's dependencies) are not unpacked again.
     older = [p for p in binaries.cache_root().glob("containerd-seed-*") if (p / "complete").exists()]
     shutil.rmtree(seed, ignore_errors=True)
     if older:
         clone_root(older[0] / "root", seed / "root")
+    started = time.monotonic()
+    with seed_containerd(seed / "root", timeout) as socket:
+        for name, tag in tags.items():
+            aliases = (PAUSE_ALIAS,) if name == "pause" else ()
+            sent = images.load(tag, socket, seed / "root", aliases)
+            log.info("loaded %s: %.1f MB of layers sent", tag, sent / 1e6)
+        keep = {*tags.values(), PAUSE_ALIAS}
+        ctr = ["ctr", f"--address={socket}", "-n", "k8s.io", "images"]
+        stale = [n for n in sh(*ctr, "ls", "-q").stdout.split() if n not in keep]
+        if stale:   # --sync: wait until containerd's GC dropped their layers and snapshots
+            sh(*ctr, "rm", "--sync", *stale)
+    (seed / "complete").write_text(json.dumps(tags))
+    log.info("containerd seed %s in %.0fs", seed.name, time.monotonic() - started)
     for old in binaries.cache_root().glob("containerd-seed-*"):   # the disk is precious
         if old != seed:
             shutil.rmtree(old, ignore_errors=True)
+    return seed / "root"
+
+
+@contextlib.contextmanager
+def seed_containerd(root: Path, timeout: float):
+    """A containerd of its own on `root` (no CRI, nothing runs): its socket."""
     state = Path(tempfile.mkdtemp(prefix="kt-seed-"))
     socket = state / "c.sock"
     config = state / "config.toml"
-    config.write_text(f'version = 2\nroot = "{seed / "root"}"\nstate = "{state / "state"}"\n'
+    config.write_text(f'version = 2\nroot = "{root}"\nstate = "{state / "state"}"\n'
+                      f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
                       f'[grpc]\n  address = "{socket}"\n')
     proc = subprocess.Popen(["containerd", f"--config={config}", "--log-level=warn"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -421,17 +444,13 @@ def containerd_seed(tags: dict[str, str], timeout: float = 60.0) -> Path:
         deadline = time.monotonic() + timeout
         while subprocess.run(["ctr", f"--address={socket}", "version"], capture_output=True).returncode:
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise NodeError(f"containerd for the image seed did not start ({seed})")
+                raise NodeError(f"containerd for the image seed did not start ({root})")
             time.sleep(0.2)
-        for tag in tags.values():
-            images.load(tag, socket)
-        images.load(tags["pause"], socket, PAUSE_ALIAS)
+        yield socket
     finally:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(state, ignore_errors=True)
-    (seed / "complete").write_text(json.dumps(tags))
-    return seed / "root"
 
 
 def clone_root(seed: Path, root: Path) -> None:
