@@ -43,7 +43,7 @@ __all__ = [
     "DEFAULT_LEARNING_RATE", "DEFAULT_LEARNING_RATE_405B", "MAX_RUN_NAME_LENGTH", "RUN_NAME_PATTERN",
     "ComputeResources", "Condition", "DataPrep", "DataStats", "EventType", "Image", "MlflowInfo", "MlflowSpec",
     "ObjectMeta", "Phase", "Problem", "Progress", "PullPolicy", "PvcRef", "RegisteredModel",
-    "Resources", "RunEvent", "Scheduling", "SecretKeyRef", "SecretRef", "Secrets", "SpecError",
+    "Resources", "Resume", "RunEvent", "Scheduling", "SecretKeyRef", "SecretRef", "Secrets", "SpecError",
     "Storage", "TaskType", "Toleration", "TrainingRun", "TrainingRunSpec", "TrainingRunStatus",
     "data_path_problem", "parse_spec", "parse_training_run",
 ]
@@ -590,6 +590,8 @@ class EventType(str, Enum):
     CHECKPOINT_SAVED = "CHECKPOINT_SAVED"
     TRAIN_FINISHED = "TRAIN_FINISHED"
     RETRYING = "RETRYING"
+    RESUMED_FROM_CHECKPOINT = "RESUMED_FROM_CHECKPOINT"
+    CHECKPOINT_FALLBACK = "CHECKPOINT_FALLBACK"  # the newest checkpoint was unreadable
     REGISTERED = "REGISTERED"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
@@ -647,6 +649,16 @@ class MlflowInfo(_Status):
     run_id: str | None = None
 
 
+class Resume(_Status):
+    """Where the latest training attempt that did not start afresh started from."""
+
+    attempt: int = Field(1, ge=1)
+    checkpoint: str | None = None
+    """The checkpoint it resumed from; absent when it fell back to the initial weights."""
+    note: Annotated[str, Field(max_length=4096)] | None = None
+    """Set when a newer checkpoint was passed over (unreadable or half-written): which, and why."""
+
+
 class RunEvent(_Status):
     type: EventType
     time: datetime
@@ -666,6 +678,7 @@ class TrainingRunStatus(_Status):
     registered_model: RegisteredModel | None = None
     data_stats: DataStats | None = None
     attempts: int = Field(0, ge=0)
+    resume: Resume | None = None
     start_time: datetime | None = None
     completion_time: datetime | None = None
     events: list[RunEvent] = Field(default_factory=list, max_length=MAX_EVENTS)

@@ -79,10 +79,13 @@ def reconcile(cluster: Cluster, run: Mapping[str, Any], children: Children,
     # A finished run is still observed (leftover children get cleaned up) but not scraped.
     finished = (run.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}
     url = None if finished else progress_url(observed, settings)
-    report = progress.progress((run.get("metadata") or {}).get("uid", ""), url)
+    uid = (run.get("metadata") or {}).get("uid", "")
+    report = progress.progress(uid, url)
     if report:
         observed = observe(**children, progress=report)
     plan = decide(run, observed, now, settings)
+    if "attempts" in plan.status:  # a new attempt: the last one's report must not stand for it
+        progress.forget(uid)
     apply(cluster, run, plan, now)
     return plan
 

@@ -212,6 +212,15 @@ def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint
     assert [p["status"]["phase"] for p in train_pods(kubectl, namespace, name, 2).values()] == ["Succeeded"]
     retried_from = first_trained_batch(rank0_log(kubectl, namespace, name, 2))
     assert retried_from is not None and retried_from >= checkpoint > resumed_from
+    # Each resume (the lifted attempt 1, then attempt 2) is one event naming its checkpoint, mirrored once.
+    resumes = [e["message"] for e in status["events"] if e["type"] == "RESUMED_FROM_CHECKPOINT"]
+    assert [m.split(" resumed from ")[0] for m in resumes] == ["attempt 1", "attempt 2"], status["events"]
+    assert checkpoint_batch(resumes[1]) == retried_from and "CHECKPOINT_FALLBACK" not in event_types(run)
+    assert status["resume"]["attempt"] == 2 and "note" not in status["resume"]
+    mirrors = [e for e in kubectl.json("get", "events", "-n", namespace,
+                                       f"--field-selector=involvedObject.name={name}")["items"]
+               if e["reason"] == "ResumedFromCheckpoint"]
+    assert sum(e.get("count") or 1 for e in mirrors) == 2, mirrors
 
 
 def test_deleting_a_run_mid_training_removes_every_child_its_files_and_stops_its_processes(

@@ -305,7 +305,7 @@ def test_phases_and_events() -> None:
         "Pending", "Queued", "PreparingData", "Training", "Registering", "Succeeded", "Failed", "Cancelled", "Suspended",
     ]
     assert {e.value for e in api.EventType} >= {"CREATED", "REGISTERED", "COMPLETED", "FAILED", "STOPPED"}
-    assert len(api.EventType) == 12
+    assert len(api.EventType) == 14  # and RESUMED_FROM_CHECKPOINT, CHECKPOINT_FALLBACK
 
 
 def test_constants() -> None:

@@ -257,6 +257,31 @@ def test_progress_is_reported_and_checkpoint_events_fire_once() -> None:
     assert run(b, observed)[0].empty
 
 
+def test_each_attempt_s_resume_is_one_event_and_a_fallback_a_warning() -> None:
+    b = training_body()
+    resumed = {"percent": 40.0, "resumedFrom": "ckpt/ep0-ba40-rank0.pt"}
+    observed = _training(job(Component.TRAIN, 1, active=1), progress=resumed)
+    plan, b = run(b, observed)
+    assert b["status"]["resume"] == {"attempt": 1, "checkpoint": "ckpt/ep0-ba40-rank0.pt"}
+    assert events(plan) == [EventType.RESUMED_FROM_CHECKPOINT, EventType.TRAIN_UPDATED]
+    assert plan.events[0].message == "attempt 1 resumed from ckpt/ep0-ba40-rank0.pt"
+    assert run(b, observed)[0].empty  # seen again: no second event
+
+    # Attempt 2 is created in the tick that reads attempt 1's last report: not taken as attempt 2's.
+    plan, b = run(b, _training(failed(Component.TRAIN, 1, "NcclTimeout", attempt=1), progress=resumed))
+    assert events(plan) == [EventType.RETRYING] and b["status"]["attempts"] == 2
+    # Attempt 2 resumes from the same checkpoint, the newer one being unreadable: its own event.
+    note = "checkpoint ep0-ba60-rank0.pt unreadable (truncated): resumed from ep0-ba40-rank0.pt"
+    fallback = {**resumed, "percent": 41.0, "resumeNote": note}
+    plan, b = run(b, _training(job(Component.TRAIN, 2, active=1), progress=fallback))
+    assert events(plan) == [EventType.CHECKPOINT_FALLBACK]
+    assert plan.events[0].message == f"attempt 2: {note}" and plan.events[0].k8s_type == "Warning"
+    # Its result at the end says the same: nothing new.
+    plan, b = run(b, _training(done(Component.TRAIN, {"resumedFrom": resumed["resumedFrom"], "resumeNote": note},
+                                    attempt=2)))
+    assert EventType.CHECKPOINT_FALLBACK not in events(plan) and b["status"]["resume"]["attempt"] == 2
+
+
 def test_diverged_loss_does_not_break_the_status() -> None:
     b = training_body()
     progress = {"percent": 5.0, "batchesDone": 5, "batchesTotal": 100, "loss": float("nan")}

@@ -134,7 +134,8 @@ kubetune_train_batches_total 100.0
 kubetune_train_tokens_per_second 1234.5
 kubetune_train_loss 2.5
 kubetune_train_eta_seconds 300.0
-kubetune_train_info{latest_checkpoint="ckpt/ep0-ba20-rank0.pt",mlflow_experiment_id="3",mlflow_run_id="abc"} 1.0
+kubetune_train_info{latest_checkpoint="ckpt/ep0-ba20-rank0.pt",mlflow_experiment_id="3",mlflow_run_id="abc",\
+resume_note="checkpoint ep0-ba30-rank0.pt unreadable (\\"bad\\" zip)\\nresumed",resumed_from="ckpt/ep0-ba20-rank0.pt"} 1.0
 """
 
 
@@ -142,6 +143,8 @@ def test_parse_metrics() -> None:
     assert parse_metrics(METRICS) == {
         "percent": 25.0, "batchesDone": 25, "batchesTotal": 100, "tokensPerSecond": 1234.5,
         "loss": 2.5, "etaSeconds": 300.0, "latestCheckpoint": "ckpt/ep0-ba20-rank0.pt",
+        "resumedFrom": "ckpt/ep0-ba20-rank0.pt",
+        "resumeNote": 'checkpoint ep0-ba30-rank0.pt unreadable ("bad" zip)\nresumed',  # unescaped
         "mlflow": {"experimentId": "3", "runId": "abc"}}
     assert parse_metrics("# nothing yet\nprocess_cpu_seconds_total 3.0\n") is None
 

@@ -29,9 +29,11 @@ RESULT_LATEST_CHECKPOINT = "latestCheckpoint"  # train
 RESULT_MLFLOW = "mlflow"  # train, register: {experimentId, runId}
 RESULT_HF_FOLDER = "hfFolder"  # convert
 RESULT_REGISTERED_MODEL = "registeredModel"  # register: {name, version, artifactUri}
+# train: the checkpoint (its URI) this attempt resumed from; absent when it started from the weights.
+RESULT_RESUMED_FROM = "resumedFrom"
 # train: set when the run resumed from an older checkpoint than the newest one (that one was
 # unreadable or half-written), or started from the weights for want of a readable one; a line
-# for a person, the operator records it as an event.
+# for a person. The operator records either as an event, once per attempt.
 RESULT_RESUME_NOTE = "resumeNote"
 
 MLFLOW_EXPERIMENT_ID = "experimentId"
@@ -55,11 +57,13 @@ PROGRESS_ETA_SECONDS = "etaSeconds"
 PROGRESS_MFU = "mfu"  # model FLOPs utilisation 0..1; null when the accelerator's peak is unknown
 PROGRESS_LATEST_CHECKPOINT = RESULT_LATEST_CHECKPOINT
 PROGRESS_MLFLOW = RESULT_MLFLOW
+PROGRESS_RESUMED_FROM = RESULT_RESUMED_FROM
 PROGRESS_RESUME_NOTE = RESULT_RESUME_NOTE
 PROGRESS_TIME = "time"  # unix time of the report
 PROGRESS_KEYS = (PROGRESS_PERCENT, PROGRESS_BATCHES_DONE, PROGRESS_BATCHES_TOTAL,
                  PROGRESS_TOKENS_PER_SECOND, PROGRESS_LOSS, PROGRESS_ETA_SECONDS, PROGRESS_MFU,
-                 PROGRESS_LATEST_CHECKPOINT, PROGRESS_MLFLOW, PROGRESS_RESUME_NOTE, PROGRESS_TIME)
+                 PROGRESS_LATEST_CHECKPOINT, PROGRESS_MLFLOW, PROGRESS_RESUMED_FROM, PROGRESS_RESUME_NOTE,
+                 PROGRESS_TIME)
 
 METRIC_PREFIX = "kubetune_train_"
 METRIC_PROGRESS_RATIO = "kubetune_train_progress_ratio"  # percent / 100
@@ -76,8 +80,10 @@ METRIC_INFO = "kubetune_train_info"  # value 1; the labels below carry the strin
 INFO_MLFLOW_RUN_ID = "mlflow_run_id"
 INFO_MLFLOW_EXPERIMENT_ID = "mlflow_experiment_id"
 INFO_LATEST_CHECKPOINT = "latest_checkpoint"
+INFO_RESUMED_FROM = "resumed_from"
 INFO_RESUME_NOTE = "resume_note"
-INFO_LABELS = (INFO_MLFLOW_RUN_ID, INFO_MLFLOW_EXPERIMENT_ID, INFO_LATEST_CHECKPOINT, INFO_RESUME_NOTE)
+INFO_LABELS = (INFO_MLFLOW_RUN_ID, INFO_MLFLOW_EXPERIMENT_ID, INFO_LATEST_CHECKPOINT, INFO_RESUMED_FROM,
+               INFO_RESUME_NOTE)
 
 # --- environment variables --------------------------------------------------------------------
 # Set by the operator (or local mode) on trainer pods and read by the trainer.

@@ -33,6 +33,8 @@ from kubetune_trainer.contract import (
     RESULT_LATEST_CHECKPOINT,
     RESULT_MLFLOW,
     RESULT_REGISTERED_MODEL,
+    RESULT_RESUME_NOTE,
+    RESULT_RESUMED_FROM,
 )
 from pydantic import BaseModel, ValidationError
 
@@ -44,6 +46,7 @@ from ..api import (
     Phase,
     Progress,
     RegisteredModel,
+    Resume,
     SpecError,
     TrainingRun,
     parse_training_run,
@@ -312,7 +315,8 @@ def _train(world: _World, draft: _Draft) -> bool:
         draft.add(build_service(world.context(attempt)))
     if not _run_job(world, draft, job, lambda: build_train_job(world.context(attempt)),
                     Phase.TRAINING, "TrainingFailed"):
-        _record_progress(world, draft)
+        # A Job created just now has not run: the report read this tick is its predecessor's.
+        _record_progress(world, draft, this_attempt=job is not None)
         return False
     _record_training_result(draft, job.result())
     _mark(draft, TRAINED)
@@ -352,10 +356,12 @@ def _put(status: dict[str, Any], key: str, model: type[BaseModel], value: Any) -
         return
 
 
-def _record_progress(world: _World, draft: _Draft) -> None:
+def _record_progress(world: _World, draft: _Draft, this_attempt: bool) -> None:
     report = world.observed.progress
     if not report or draft.phase is not Phase.TRAINING or draft.suspended:
         return
+    if this_attempt:
+        _record_resume(draft, report)
     batches_done, batches_total = report.get(PROGRESS_BATCHES_DONE), report.get(PROGRESS_BATCHES_TOTAL)
     _put(draft.status, "progress", Progress, {
         "percent": min(max(float(report.get(PROGRESS_PERCENT) or 0.0), 0.0), 100.0),
@@ -379,6 +385,15 @@ def _record_training_result(draft: _Draft, result: Mapping[str, Any]) -> None:
     if result.get(RESULT_LATEST_CHECKPOINT):
         draft.status["latestCheckpoint"] = result[RESULT_LATEST_CHECKPOINT]
     _put(draft.status, "mlflow", MlflowInfo, result.get(RESULT_MLFLOW))
+    _record_resume(draft, result)
+
+
+def _record_resume(draft: _Draft, report: Mapping[str, Any]) -> None:
+    """Where this attempt started, from its progress report or its result (the same keys)."""
+    checkpoint, note = report.get(RESULT_RESUMED_FROM), report.get(RESULT_RESUME_NOTE)
+    if checkpoint or note:
+        _put(draft.status, "resume", Resume,
+             {"attempt": draft.status.get("attempts") or 1, "checkpoint": checkpoint, "note": note})
 
 
 def _stats_message(stats: Mapping[str, Any] | None) -> str:

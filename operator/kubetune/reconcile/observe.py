@@ -20,6 +20,8 @@ from kubetune_trainer.contract import (
     INFO_LATEST_CHECKPOINT,
     INFO_MLFLOW_EXPERIMENT_ID,
     INFO_MLFLOW_RUN_ID,
+    INFO_RESUME_NOTE,
+    INFO_RESUMED_FROM,
     METRIC_GAUGES,
     METRIC_INFO,
     METRIC_PROGRESS_RATIO,
@@ -30,6 +32,8 @@ from kubetune_trainer.contract import (
     PROGRESS_LATEST_CHECKPOINT,
     PROGRESS_MLFLOW,
     PROGRESS_PERCENT,
+    PROGRESS_RESUME_NOTE,
+    PROGRESS_RESUMED_FROM,
     RESULT_MESSAGE,
     RESULT_OK,
     RESULT_PERMANENT,
@@ -323,6 +327,11 @@ def progress_url(observed: Observed, settings: OperatorSettings) -> str | None:
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _COUNTS = (PROGRESS_BATCHES_DONE, PROGRESS_BATCHES_TOTAL)
+_ESCAPED = re.compile(r"\\(.)")  # the text format escapes \, " and newlines in label values
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPED.sub(lambda m: "\n" if m[1] == "n" else m[1], value)
 
 
 def parse_metrics(text: str) -> dict[str, Any] | None:
@@ -340,8 +349,10 @@ def parse_metrics(text: str) -> dict[str, Any] | None:
             progress[key] = int(value) if key in _COUNTS else value
         elif name == METRIC_INFO:
             labels = dict(_LABEL.findall(match["labels"] or ""))
-            if labels.get(INFO_LATEST_CHECKPOINT):
-                progress[PROGRESS_LATEST_CHECKPOINT] = labels[INFO_LATEST_CHECKPOINT]
+            for label, key in ((INFO_LATEST_CHECKPOINT, PROGRESS_LATEST_CHECKPOINT),
+                               (INFO_RESUMED_FROM, PROGRESS_RESUMED_FROM), (INFO_RESUME_NOTE, PROGRESS_RESUME_NOTE)):
+                if labels.get(label):
+                    progress[key] = _unescape(labels[label])
             progress[PROGRESS_MLFLOW] = {MLFLOW_EXPERIMENT_ID: labels.get(INFO_MLFLOW_EXPERIMENT_ID) or None,
                                          MLFLOW_RUN_ID: labels.get(INFO_MLFLOW_RUN_ID) or None}
     return progress if PROGRESS_PERCENT in progress else None

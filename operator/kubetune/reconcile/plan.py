@@ -10,7 +10,7 @@ from typing import Any
 
 from ..api import EventType
 
-WARNING_EVENTS = frozenset({EventType.FAILED, EventType.RETRYING})
+WARNING_EVENTS = frozenset({EventType.FAILED, EventType.RETRYING, EventType.CHECKPOINT_FALLBACK})
 
 
 @dataclass(frozen=True)

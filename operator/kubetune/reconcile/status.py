@@ -78,6 +78,7 @@ def _default_message(type_: EventType, new: Mapping[str, Any]) -> str:
     attempts = new.get("attempts") or 0
     percent = _percent(new)
     model = new.get("registeredModel") or {}
+    resume = new.get("resume") or {}
     return {
         EventType.CREATED: "TrainingRun created",
         EventType.VALIDATED: "the spec is valid",
@@ -87,6 +88,8 @@ def _default_message(type_: EventType, new: Mapping[str, Any]) -> str:
         EventType.CHECKPOINT_SAVED: f"checkpoint saved: {new.get('latestCheckpoint')}",
         EventType.TRAIN_FINISHED: "training finished",
         EventType.RETRYING: f"restarting all ranks, attempt {attempts}",
+        EventType.RESUMED_FROM_CHECKPOINT: f"attempt {resume.get('attempt')} resumed from {resume.get('checkpoint')}",
+        EventType.CHECKPOINT_FALLBACK: f"attempt {resume.get('attempt')}: {resume.get('note')}",
         EventType.REGISTERED: f"registered {model.get('name')} version {model.get('version')}",
         EventType.COMPLETED: "run completed",
         EventType.FAILED: "run failed",
@@ -98,12 +101,17 @@ def _fired(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[EventType]:
     """Which events this status change is the edge of, in the order they happened."""
     old_attempts, new_attempts = old.get("attempts") or 0, new.get("attempts") or 0
     phase_changed = old.get("phase") != new.get("phase")
+    # `resume` names its attempt: each attempt's resume is a change once, however often it is seen.
+    resumed = bool(new.get("resume")) and new.get("resume") != old.get("resume")
+    fell_back = resumed and bool(new["resume"].get("note"))
     checks = [
         (EventType.CREATED, not old.get("phase")),
         (EventType.VALIDATED, _became_true(old, new, VALIDATED)),
         (EventType.DATA_VALIDATED, _became_true(old, new, DATA_PREPARED)),
         (EventType.TRAIN_STARTED, old_attempts == 0 and new_attempts >= 1),
         (EventType.RETRYING, old_attempts >= 1 and new_attempts > old_attempts),
+        (EventType.RESUMED_FROM_CHECKPOINT, resumed and not fell_back),
+        (EventType.CHECKPOINT_FALLBACK, fell_back),
         (EventType.TRAIN_UPDATED, not is_true(new, TRAINED)
          and int(_percent(new) // 10) > int(_percent(old) // 10)),
         (EventType.CHECKPOINT_SAVED, bool(new.get("latestCheckpoint"))

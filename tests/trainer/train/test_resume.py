@@ -79,4 +79,6 @@ def test_an_unreadable_latest_checkpoint_is_passed_over_for_the_one_before(make_
     assert note.startswith("checkpoint ep0-ba4-rank0.pt unreadable") and note.endswith("resumed from ep0-ba2-rank0.pt")
     progress = json.loads(Path(config.progress_file).read_text())
     assert progress["resumeNote"] == note and progress["latestCheckpoint"] == str(latest)
+    older = (folder / "ep0-ba2-rank0.pt").resolve()
+    assert Path(result["resumedFrom"]).resolve() == Path(progress["resumedFrom"]).resolve() == older
     assert checkpoints.defect(latest) is None  # saved again, whole this time

@@ -33,6 +33,7 @@ class Snapshot:
     eta_seconds: float | None = None
     mfu: float | None = None
     latest_checkpoint: str | None = None
+    resumed_from: str | None = None
     resume_note: str | None = None
     mlflow: dict[str, str | None] = field(
         default_factory=lambda: {contract.MLFLOW_EXPERIMENT_ID: None, contract.MLFLOW_RUN_ID: None})
@@ -44,7 +45,8 @@ class Snapshot:
                 contract.PROGRESS_TOKENS_PER_SECOND: self.tokens_per_second,
                 contract.PROGRESS_LOSS: self.loss, contract.PROGRESS_ETA_SECONDS: self.eta_seconds,
                 contract.PROGRESS_MFU: self.mfu, contract.PROGRESS_LATEST_CHECKPOINT: self.latest_checkpoint,
-                contract.PROGRESS_RESUME_NOTE: self.resume_note, contract.PROGRESS_MLFLOW: dict(self.mlflow),
+                contract.PROGRESS_RESUMED_FROM: self.resumed_from, contract.PROGRESS_RESUME_NOTE: self.resume_note,
+                contract.PROGRESS_MLFLOW: dict(self.mlflow),
                 contract.PROGRESS_TIME: self.time}
 
 
@@ -82,6 +84,7 @@ class ProgressMetrics:
         labels = {contract.INFO_MLFLOW_RUN_ID: mlflow[contract.MLFLOW_RUN_ID],
                   contract.INFO_MLFLOW_EXPERIMENT_ID: mlflow[contract.MLFLOW_EXPERIMENT_ID],
                   contract.INFO_LATEST_CHECKPOINT: report.get(contract.PROGRESS_LATEST_CHECKPOINT),
+                  contract.INFO_RESUMED_FROM: report.get(contract.PROGRESS_RESUMED_FROM),
                   contract.INFO_RESUME_NOTE: report.get(contract.PROGRESS_RESUME_NOTE)}
         self.info.clear()  # one label set: the current one
         self.info.labels(**{name: value or "" for name, value in labels.items()}).set(1)
@@ -146,8 +149,8 @@ class Progress(Callback):
     def set_checkpoint(self, uri: str | None) -> None:
         self.snapshot.latest_checkpoint = uri
 
-    def set_resume_note(self, note: str | None) -> None:
-        self.snapshot.resume_note = note
+    def set_resume(self, checkpoint: str | None, note: str | None) -> None:
+        self.snapshot.resumed_from, self.snapshot.resume_note = checkpoint, note
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.port is not None and self.bound_port is None:

@@ -20,7 +20,7 @@ from .. import checkpoints
 from ..checkpoints import ResumePoint
 from ..config import RunConfig
 from ..contract import (ENV_POD_IP, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID, RESULT_LATEST_CHECKPOINT, RESULT_MLFLOW,
-                        RESULT_RESUME_NOTE, TRAIN_RESULT_FILE)
+                        RESULT_RESUME_NOTE, RESULT_RESUMED_FROM, TRAIN_RESULT_FILE)
 from ..errors import UserError, storage_full
 from ..results import write_json_atomically
 from ..storage import Mirror
@@ -124,7 +124,7 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
         progress = Progress(config.progress_file, metrics_port(config), metrics_host(),
                             flops_per_token=flops_per_token(model.model, context_length),
                             peak_flops=accelerator_peak(runtime, world_size))
-        progress.set_resume_note(resume.note)
+        progress.set_resume(resumed_from(config, resume), resume.note)
         record = RunRecord(config, hyperparameters(config, context_length, world_size), progress)
     callbacks = checkpoint_callbacks(config, resume, progress, record)
     if not runtime.fsdp:  # sharded ranks hold different shards: nothing to compare
@@ -158,6 +158,11 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
         console_log_interval="10ba",
     )
     return Assembly(trainer, runtime, resume, record)
+
+
+def resumed_from(config: RunConfig, resume: ResumePoint) -> str | None:
+    """The checkpoint resumed from as readers outside this pod name it (the object store's URI)."""
+    return config.published(str(resume.checkpoint)) if resume.checkpoint else None
 
 
 def accelerator_peak(runtime: Runtime, world_size: int) -> float | None:
@@ -194,6 +199,8 @@ def run_train(config: RunConfig, *, callbacks: Sequence[Callback] = ()) -> dict[
     latest = checkpoints.latest(config.checkpoint_dir)
     result: dict[str, Any] = {RESULT_LATEST_CHECKPOINT: latest and config.published(str(latest)),
                               RESULT_MLFLOW: assembly.mlflow_ids}
+    if assembly.resume.checkpoint:
+        result[RESULT_RESUMED_FROM] = resumed_from(config, assembly.resume)
     if assembly.resume.note:
         result[RESULT_RESUME_NOTE] = assembly.resume.note
     if dist.get_global_rank() == 0:
