@@ -1,15 +1,82 @@
-"""Pre-flight reachability checks of inputs that only later steps read (`validateInputs`).
+"""Checks of the inputs a run names (data, customWeightsPath) before they are read.
 
-The data is always read and validated by `prepare`; these make a wrong `customWeightsPath`
-fail there too, on a CPU pod, instead of after the GPUs were granted.
+- Confinement: a local data or weights path is read as written, but a symlink in it may not lead
+  out of where it was named: out of the folder the path names (a file's own folder), out of the
+  run storage, or from one top folder of the storage (`<root>/<namespace>/<run>`) into another,
+  such as another run's. Checked by `prepare` (and `kubetune validate`) and again by `train`.
+- Reachability (`validateInputs`): the data is always read and validated by `prepare`; this makes
+  a wrong `customWeightsPath` fail there too, on a CPU pod, instead of after the GPUs were granted.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import fsspec
 
 from .checkpoints import SHARD_SUFFIXES
+from .config import RunConfig, is_object_store
 from .errors import TransientError, UserError
+
+
+DATA_AND_WEIGHTS = ("trainDataPath", "evalDataPath", "customWeightsPath")
+
+
+def check_confined(config: RunConfig, fields: tuple[str, ...] = DATA_AND_WEIGHTS) -> None:
+    """Refuse a data or weights path that a symlink leads out of where it was named."""
+    root = None if is_object_store(config.work_dir) else Path(os.path.abspath(config.work_dir)).parent.parent
+    named = {"trainDataPath": config.train_data_path, "evalDataPath": config.eval_data_path,
+             "customWeightsPath": config.custom_weights_path}
+    for field in fields:
+        path = named[field]
+        if path and "://" not in path:
+            problem = escape(Path(os.path.abspath(path)), root)
+            if problem:
+                raise UserError(f"{field} {path}: {problem}; name the files where they are, or copy them "
+                                "there", "InvalidInput")
+
+
+def escape(path: Path, storage_root: Path | None) -> str | None:
+    """Where a symlink at or under `path` leads out of it (see the module doc), or None."""
+    if path.is_symlink() and (problem := _outside(path, path.parent)):
+        return problem
+    for link in _links_under(path):
+        if problem := _outside(link, path):
+            return problem
+    if storage_root is not None and path.is_relative_to(storage_root):
+        return _storage_escape(path, storage_root)
+    return None
+
+
+def _outside(link: Path, folder: Path) -> str | None:
+    target, inside = Path(os.path.realpath(link)), Path(os.path.realpath(folder))
+    if target.is_relative_to(inside):
+        return None
+    return f"the symlink {link} leads to {target}, outside {folder}"
+
+
+def _storage_escape(path: Path, root: Path) -> str | None:
+    """A link above `path` (a folder on its way) that leads out of its top folder of the storage."""
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if not real.is_relative_to(real_root):
+        return f"it leads through a symlink to {real}, outside the run storage {root}"
+    top, real_top = path.relative_to(root).parts[:2], real.relative_to(real_root).parts[:2]
+    if top != real_top:
+        return (f"it leads through a symlink to {real}, in {real_root.joinpath(*real_top)} instead of "
+                f"{root.joinpath(*top)}")
+    return None
+
+
+def _links_under(folder: Path) -> Iterator[Path]:
+    """Every symlink under `folder` (a file's path has none); links are listed, not followed."""
+    if not folder.is_dir():
+        return
+    for parent, subfolders, files in os.walk(folder):
+        for name in [*subfolders, *files]:
+            if (Path(parent) / name).is_symlink():
+                yield Path(parent) / name
 
 
 def check_custom_weights(path: str | None) -> None:

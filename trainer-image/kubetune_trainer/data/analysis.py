@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import RunConfig, TaskType
 from ..errors import UserError
-from ..inputs import check_custom_weights
+from ..inputs import check_confined, check_custom_weights
 from .encoding import Render, chat_renderer, encode_batch, positions
 from .modelinfo import check_chat_template, load_tokenizer, model_max_context, resolve_context_length
 from .packing import pack_compact, packing_efficiency
@@ -209,6 +209,7 @@ class Setup:
 
 
 def setup(config: RunConfig) -> Setup:
+    check_confined(config)
     if config.validate_inputs:
         check_custom_weights(config.custom_weights_path)
     tokenizer = load_tokenizer(config.model)

@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..contract import (ENV_POD_IP, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID, RESULT_LATEST_CHECKPOINT, RESULT_MLFLOW,
                         RESULT_RESUME_NOTE, RESULT_RESUMED_FROM, TRAIN_RESULT_FILE)
 from ..errors import UserError, storage_full
+from ..inputs import check_confined
 from ..results import write_json_atomically
 from ..storage import Mirror
 from ..tracking import tracking_uri
@@ -67,6 +68,7 @@ def initial_weights(config: RunConfig, model, runtime: Runtime) -> str | None:
     Returns a load path for Composer when FSDP must load it shard-wise itself."""
     if not config.custom_weights_path:
         return None
+    check_confined(config, ("customWeightsPath",))  # prepare checked it too; the files may have changed since
     if runtime.fsdp:
         return config.custom_weights_path
     load_custom_weights(model, config.custom_weights_path, config.model)
