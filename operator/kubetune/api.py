@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, get_args
 
-from kubetune_trainer.config import DEFAULT_MAX_CONTEXT, TaskType
+from kubetune_trainer.config import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_RECORD_BYTES, TaskType
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -253,12 +253,18 @@ class ComputeResources(_Spec):
     """Memory request and limit, e.g. `16Gi`."""
 
 
+MAX_RECORD_BYTES_LIMIT = 2**30  # a record is held in memory whole, tokenized in one piece
+
+
 class DataPrep(_Spec):
     """How data preparation runs (replaces the managed service's data_prep_cluster_id)."""
 
     parallelism: int = Field(1, ge=1, le=256)
     """Pods that prepare the data together, a share of the records each; pod 0 merges the shares."""
     resources: ComputeResources = Field(default_factory=ComputeResources)
+    max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, ge=1024, le=MAX_RECORD_BYTES_LIMIT)
+    """Largest JSONL line or .txt file read, in bytes (default 8 MiB); a larger one is refused
+    without being loaded, naming file:line."""
 
 
 class Resources(_Spec):

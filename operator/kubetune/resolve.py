@@ -83,6 +83,7 @@ def resolve_config(run: TrainingRun, settings: OperatorSettings) -> RunConfig:
         register_to=run.register_name(),
         distributed=distributed(run),
         prep_workers=spec.data_prep.parallelism,
+        max_record_bytes=spec.data_prep.max_record_bytes,
         validate_inputs=spec.validate_inputs,
         metrics_port=settings.metrics_port,
     )

@@ -43,3 +43,15 @@ def test_context_length_above_the_model_max_is_refused(tmp_path, tiny_model_dir,
     path = run_yaml(tmp_path, tiny_model_dir, REPO / "examples/data/ift.jsonl", contextLength=100000)
     assert main(["validate", path]) == 1
     assert "contextLength" in capsys.readouterr().err
+
+
+def test_data_prep_max_record_bytes_sets_the_largest_line_read(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "long.jsonl"
+    long_line = '{"prompt": "' + "a" * 3000 + '", "response": " b"}\n'
+    data.write_text('{"prompt": "short", "response": " ok"}\n' + long_line)
+    assert main(["validate", run_yaml(tmp_path, tiny_model_dir, data, dataPrep={"maxRecordBytes": 2048})]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}:2: line is {len(long_line) - 1:,} bytes, over the limit of 2,048 bytes per record" in err
+    assert "raise dataPrep.maxRecordBytes" in err and "Traceback" not in err
+    # The default (8 MiB) reads it.
+    assert main(["validate", run_yaml(tmp_path, tiny_model_dir, data)]) == 0
