@@ -116,15 +116,15 @@ def available_cpus() -> int:
     return max(1, count)
 
 
-# A worker's encoder: forked workers load their own tokenizer once. A Rust tokenizer whose
-# thread pool ran in the parent must not be reused in a child (the library would disable it).
+# A worker's encoder: the parent's, inherited by the fork (loading the tokenizer again would cost
+# each worker seconds). Workers tokenize on one thread each; should the parent have used the Rust
+# thread pool already (a small train split before a large eval split), the library itself turns
+# it off in the child, which is what a worker wants anyway.
 _worker: Encoder | None = None
 
 
-def _start_worker(model: str, task: TaskType, context_length: int) -> None:
-    global _worker
+def _start_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per CPU instead of Rust threads
-    _worker = Encoder.load(model, task, context_length)
 
 
 def _process_in_worker(index: int, records: list[Record]) -> ChunkResult:
@@ -144,7 +144,7 @@ def in_order(pool: Executor, function: Callable, items: Iterable[tuple], window:
         yield pending.popleft().result()
 
 
-def chunk_results(encoder: Encoder, model: str, chunks: Iterable[tuple[int, list[Record]]],
+def chunk_results(encoder: Encoder, chunks: Iterable[tuple[int, list[Record]]],
                   workers: int) -> Iterator[ChunkResult]:
     chunks = iter(chunks)
     head = list(islice(chunks, 2))
@@ -152,9 +152,13 @@ def chunk_results(encoder: Encoder, model: str, chunks: Iterable[tuple[int, list
     if workers <= 1 or len(head) < 2:  # a small split is done before workers would have started
         yield from (encoder.process(index, records) for index, records in chunks)
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker,
-                             initargs=(model, encoder.task, encoder.context_length)) as pool:
-        yield from in_order(pool, _process_in_worker, chunks, 2 * workers)
+    global _worker
+    _worker = encoder
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker) as pool:
+            yield from in_order(pool, _process_in_worker, chunks, 2 * workers)
+    finally:
+        _worker = None
 
 
 # --- a split -----------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def read_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folde
     records = raw_records(uri, config.task_type, config.max_record_bytes)
     writer = PartWriter(folder, config.max_reported_errors)
     chunks = own_chunks(records, shard.number, shard.count)
-    for result in chunk_results(encoder, config.model, chunks, processes or available_cpus()):
+    for result in chunk_results(encoder, chunks, processes or available_cpus()):
         writer.add(result)
     return writer.close()
 

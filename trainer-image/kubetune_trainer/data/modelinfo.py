@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from ..config import DEFAULT_MAX_CONTEXT, RunConfig, TaskType
 from ..errors import TransientError, UserError
+from . import light_tokenizer
 from .hub import cache_folder, offline_reason, relative_note
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,11 @@ def pretrained(loader: Any, model: str, what: str) -> Any:
 
 
 def load_tokenizer(model: str) -> Any:
+    """A local folder's tokenizer is read without transformers where that gives the same one
+    (see `light_tokenizer`): preparing data then never imports transformers and torch."""
+    light = light_tokenizer.load(Path(model)) if os.path.isdir(model) else None
+    if light is not None:
+        return light
     from transformers import AutoTokenizer
 
     tokenizer = pretrained(AutoTokenizer, model, "tokenizer")
@@ -59,15 +67,33 @@ def load_tokenizer(model: str) -> Any:
 
 def model_max_context(model: str, tokenizer: Any) -> int | None:
     """The longest context the model supports, from its config, else its tokenizer."""
-    from transformers import AutoConfig
+    value = configured_context((local_config(model) or {}).get)  # a local folder: no transformers
+    if value is None:
+        from transformers import AutoConfig
 
-    config = pretrained(AutoConfig, model, "config")
-    for key in CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+        config = pretrained(AutoConfig, model, "config")
+        value = configured_context(lambda key: getattr(config, key, None))
+    if value is not None:
+        return value
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < UNSET_MODEL_MAX else None
+
+
+def local_config(model: str) -> dict[str, Any] | None:
+    """A local folder's config.json as written, when it is readable JSON."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def configured_context(get: Callable[[str], Any]) -> int | None:
+    for key in CONTEXT_KEYS:
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def resolve_context_length(requested: int | None, model_max: int | None) -> int:

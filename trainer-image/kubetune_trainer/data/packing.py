@@ -74,17 +74,29 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [order[bounds[b]:bounds[b + 1]].tolist() for b in range(len(bounds) - 1)]
 
 
-def fill_row(row: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:
-    """Lay samples side by side in one row of each array; the rest stays padding."""
-    start = 0
-    for number, sample in enumerate(samples, start=1):
-        end = start + len(sample)
-        row["input_ids"][start:end] = sample.input_ids
-        row["labels"][start:end] = np.where(sample.loss_mask, sample.input_ids, IGNORE_INDEX)
-        row["labels"][start] = IGNORE_INDEX  # no loss across the boundary with the sample before
-        row["position_ids"][start:end] = np.arange(len(sample))
-        row["sequence_ids"][start:end] = number
-        start = end
+def fill_block(arrays: PackedArrays, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray,
+               row_of: np.ndarray) -> None:
+    """Lay samples side by side in the rows of `arrays` (pre-filled padding), all at once.
+
+    The samples come flat (sample i is the next `lengths[i]` entries of `ids` and `mask`), the
+    ones of a row consecutive and in order, `row_of[i]` naming sample i's row. Whole-array
+    operations instead of a few small ones per sample: a large split has millions of samples.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    count = len(lengths)
+    if not count:
+        return
+    starts = np.cumsum(lengths) - lengths  # each sample's first token in the flat arrays
+    new_row = np.concatenate([[True], row_of[1:] != row_of[:-1]])
+    row_first = np.maximum.accumulate(np.where(new_row, np.arange(count), 0))  # first sample of its row
+    position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    where = np.repeat(row_of * arrays.context_length + starts - starts[row_first], lengths) + position
+    labels = np.where(mask, ids, IGNORE_INDEX)
+    labels[starts] = IGNORE_INDEX  # no loss across the boundary with the sample before
+    arrays.input_ids.reshape(-1)[where] = ids
+    arrays.labels.reshape(-1)[where] = labels
+    arrays.position_ids.reshape(-1)[where] = position
+    arrays.sequence_ids.reshape(-1)[where] = np.repeat(np.arange(count) - row_first + 1, lengths)
 
 
 def empty_arrays(num_sequences: int, context_length: int, pad_id: int) -> PackedArrays:
@@ -99,9 +111,13 @@ def empty_arrays(num_sequences: int, context_length: int, pad_id: int) -> Packed
 
 def fill_arrays(arrays: PackedArrays, samples: Sequence[Sample], bins: Sequence[Sequence[int]]) -> None:
     """Write every bin as one row of `arrays` (in memory or memory-mapped, pre-filled padding)."""
-    for number, members in enumerate(bins):
-        row = {name: array[number] for name, array in arrays.arrays().items()}
-        fill_row(row, [samples[index] for index in members])
+    members = [samples[index] for members in bins for index in members]
+    if not members:
+        return
+    row_of = np.repeat(np.arange(len(bins)), [len(members) for members in bins])
+    fill_block(arrays, np.concatenate([sample.input_ids for sample in members]),
+               np.concatenate([sample.loss_mask for sample in members]),
+               np.array([len(sample) for sample in members], dtype=np.int64), row_of)
 
 
 def pack_samples(samples: Sequence[Sample], context_length: int, pad_id: int) -> PackedArrays:

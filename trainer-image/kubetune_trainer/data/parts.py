@@ -172,12 +172,18 @@ class SampleReader:
         self.handles = [(os.open(part.folder / "ids.bin", os.O_RDONLY), os.open(part.folder / "mask.bin", os.O_RDONLY))
                         for part in merged.parts]
 
-    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        ids_fd, mask_fd = self.handles[self.merged.part_of[index]]
-        start, length = int(self.merged.offset[index]), int(self.merged.lengths[index])
-        ids = np.frombuffer(os.pread(ids_fd, 4 * length, 4 * start), dtype=np.int32)
-        mask = np.frombuffer(os.pread(mask_fd, length, start), dtype=np.uint8).astype(bool)
-        return ids, mask
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Samples `indices`, flat: (ids, mask, lengths)."""
+        merged = self.merged
+        lengths = merged.lengths[indices]
+        ids, masks = [], []
+        for part, start, length in zip(merged.part_of[indices].tolist(), merged.offset[indices].tolist(),
+                                       lengths.tolist()):
+            ids_fd, mask_fd = self.handles[part]
+            ids.append(os.pread(ids_fd, 4 * length, 4 * start))
+            masks.append(os.pread(mask_fd, length, start))
+        return (np.frombuffer(b"".join(ids), dtype=np.int32),
+                np.frombuffer(b"".join(masks), dtype=np.uint8).astype(bool), lengths)
 
     def close(self) -> None:
         for pair in self.handles:

@@ -29,7 +29,7 @@ from ..contract import ENV_PREP_SHARD, ENV_PREP_SHARDS
 from ..errors import UserError
 from ..results import write_json_atomically
 from .analysis import Encoder, Setup, Shard, checked_report, read_part, setup, split_report
-from .packing import Sample, empty_arrays, fill_row
+from .packing import empty_arrays, fill_block
 from .parts import Merged, Part, SampleReader, is_done, load_part, merge
 from .store import SplitWriter
 
@@ -98,11 +98,11 @@ def write_rows(folder: Path, merged: Merged, bins: tuple[np.ndarray, np.ndarray]
     per_block = max(1, BLOCK_BYTES // (4 * context_length))
     try:
         for first in range(0, rows, per_block):
-            block = empty_arrays(min(per_block, rows - first), context_length, pad)
-            for row in range(len(block)):
-                members = order[bounds[first + row]:bounds[first + row + 1]]
-                fill_row({name: array[row] for name, array in block.arrays().items()},
-                         [Sample(*reader.read(index)) for index in members])
+            count = min(per_block, rows - first)
+            block = empty_arrays(count, context_length, pad)
+            row_bounds = bounds[first:first + count + 1]
+            ids, mask, lengths = reader.read(order[row_bounds[0]:row_bounds[-1]])
+            fill_block(block, ids, mask, lengths, np.repeat(np.arange(count), np.diff(row_bounds)))
             writer.write(block)
     finally:
         reader.close()
