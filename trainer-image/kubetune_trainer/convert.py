@@ -108,11 +108,14 @@ def build_model(config_content: dict[str, Any], weights: dict[str, Any]):
     """
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
 
     config = CONFIG_MAPPING[config_content["model_type"]].from_dict(dict(config_content))
     config.use_cache = True  # off while training (train/model.py), the default for inference
     dtype = _dtype(getattr(config, "torch_dtype", None))
-    with torch.device("meta"):  # shapes only; the checkpoint's tensors are assigned below
+    # Shapes only, and no random init of them (most of the build's time): the checkpoint's
+    # tensors are assigned below.
+    with torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     # Composer's HuggingFaceModel holds the transformers model as `.model`.
     own = {key.removeprefix("model."): tensor.to(dtype) if tensor.is_floating_point() else tensor
