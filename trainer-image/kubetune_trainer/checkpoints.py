@@ -49,6 +49,19 @@ def step(path: Path) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def older(names: Iterable[str], newest: str) -> list[str]:
+    """Of checkpoint names (files or sharded folders, by name alone), those before `newest`,
+    newest first: where a resume falls back to when `newest` is not whole."""
+    at = _named_step(newest)
+    found = [(step_at, name) for name in set(names) if (step_at := _named_step(name)) is not None]
+    return [name for step_at, name in sorted(found, reverse=True) if at is not None and step_at < at]
+
+
+def _named_step(name: str) -> tuple[int, int] | None:
+    match = NAME.fullmatch(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / SHARDED_METADATA).is_file()
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from . import checkpoints
 from .checkpoints import LATEST_PATH, POINTER_SUFFIX
 from .config import RunConfig, is_object_store
 from .contract import ENV_RANK, ENV_SCRATCH_DIR
@@ -183,7 +184,9 @@ def staged(step: str, config: RunConfig) -> Iterator[RunConfig]:
         mirror = Mirror(config.work_dir, stage_dir(config.work_dir))
         with node_lock(mirror.local):
             for link in POINTERS.get(step, ()):
-                mirror.pull_pointer(link)
+                target = mirror.pull_pointer(link)
+                if step == "train":
+                    pull_fallbacks(mirror, target)
             for rel in PULLS[step]:
                 mirror.pull(rel)
     yield local_config(config, mirror)
@@ -192,6 +195,20 @@ def staged(step: str, config: RunConfig) -> Iterator[RunConfig]:
             mirror.push(rel)
         if step == "train" and os.environ.get(ENV_RANK, "0") == "0":
             mirror.push_pointer(LATEST_PATH)
+
+
+def pull_fallbacks(mirror: Mirror, latest: str | None) -> None:
+    """While the newest checkpoint pulled is not whole (a save cut short), pull the one before it:
+    the resume then falls back past a corrupt latest as it does on a mounted volume."""
+    folder, newest = mirror.local / checkpoints.FOLDER, latest
+    names = None
+    while newest is not None and checkpoints.defect(folder / newest) is not None:
+        if names is None:  # listed only when needed: most resumes find the latest whole
+            names = [rel.split("/")[1] for rel in mirror.remote_files(checkpoints.FOLDER)]
+        before = checkpoints.older(names, newest)
+        newest = before[0] if before else None
+        if newest is not None:
+            mirror.pull(f"{checkpoints.FOLDER}/{newest}")
 
 
 def local_config(config: RunConfig, mirror: Mirror) -> RunConfig:

@@ -71,6 +71,14 @@ def test_resumes_from_the_pointer_or_else_the_newest_whole_one_before_it(tmp_pat
     assert "ep0-ba4-rank0.pt" in resume.note and "ep0-ba2-rank0.pt" in resume.note
 
 
+def test_older_names_the_checkpoints_a_resume_falls_back_to_newest_first():
+    names = ["ep0-ba2-rank0.pt", "ep1-ba10-rank0.pt", "ep0-ba8", "latest-rank0.pt.symlink", "ep2-ba20-rank0.pt",
+             "ep0-ba8", "notes.txt"]  # an object store's listing: a sharded folder's name once per shard
+    assert checkpoints.older(names, "ep1-ba10-rank0.pt") == ["ep0-ba8", "ep0-ba2-rank0.pt"]
+    assert checkpoints.older(names, "ep0-ba2-rank0.pt") == []
+    assert checkpoints.older(names, "latest-rank0.pt") == []  # not a checkpoint's name
+
+
 def test_no_checkpoint_starts_from_the_weights_without_a_note(tmp_path):
     assert checkpoints.resume_point(tmp_path / "none") == checkpoints.ResumePoint(None)
 

@@ -1,5 +1,6 @@
 """Training on an object-store work_dir (a real S3 endpoint): checkpoints are uploaded as they are
-saved, and a new pod with nothing local resumes from the latest one."""
+saved, and a new pod with nothing local resumes from the latest one, or from the one before it
+when the latest is corrupt."""
 
 from __future__ import annotations
 
@@ -58,6 +59,17 @@ def test_a_new_pod_resumes_from_the_checkpoint_on_the_object_store(s3_env, tmp_p
     run = MlflowClient(mlflow_uri).get_run(result["mlflow"]["runId"])
     assert run.data.tags["kubetune.checkpoint_folder"] == f"{remote}/checkpoints"
     assert run.data.tags["kubetune.latest_checkpoint"] == latest
+
+    # The latest checkpoint cut short on the store (a killed save): the next new pod falls back to
+    # the one before it, as on a mounted volume, not to the initial weights.
+    cut = f"{s3_env.bucket}/{prefix}/checkpoints/{name}"
+    fs.pipe_file(cut, fs.cat_file(cut)[: fs.size(cut) // 2])
+    fell_back = Watch()
+    result = train_in_pod(config, tmp_path / "pod3", monkeypatch, [fell_back])
+    assert (fell_back.start_batch, fell_back.end_batch) == (4, 6)
+    assert result["resumedFrom"] == f"{remote}/checkpoints/ep0-ba4-rank0.pt"
+    assert result["resumeNote"].startswith(f"checkpoint {name} unreadable"), result["resumeNote"]
+    assert not list((tmp_path / "pod3").rglob("ep0-ba2-rank0.pt"))  # pulled only as far back as needed
 
 
 class StartWeights(Watch):
