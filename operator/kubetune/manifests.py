@@ -379,12 +379,25 @@ def build_train_job(ctx: BuildContext) -> dict[str, Any]:
         env=_rendezvous_env(ctx), ports=[metrics], shared_memory=True)
     template = _pod_template(ctx, Component.TRAIN, container, shared_memory=True,
                              subdomain=service_name(ctx.name))
+    if nodes > 1:
+        template["spec"]["affinity"] = _one_rank_per_node(ctx)
     return _job(ctx, train_job_name(ctx.name, ctx.attempt), Component.TRAIN, template, {
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": 0,  # one rank failing fails the attempt; the operator restarts all ranks
     })
+
+
+def _one_rank_per_node(ctx: BuildContext) -> dict[str, Any]:
+    """Ranks of one attempt prefer different nodes: a rank is a node's worth of training, and two
+    sharing one split its CPUs, memory and network (whole-node GPU requests spread them anyway;
+    preferred, so a small cluster still runs a CPU run's ranks side by side)."""
+    ranks = labels(ctx, Component.TRAIN, attempt=True)
+    match = {key: ranks[key] for key in (LABEL_RUN, LABEL_COMPONENT, LABEL_ATTEMPT)}
+    term = {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": match}}
+    return {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": term}]}}
 
 
 def build_finalize_job(ctx: BuildContext) -> dict[str, Any]:

@@ -213,6 +213,11 @@ def test_distributed_training_job() -> None:
     assert job["spec"]["template"]["metadata"]["labels"]["kubetune.dev/attempt"] == "3"
     assert job["metadata"]["labels"]["kubetune.dev/attempt"] == "3"
     assert "kubetune.dev/attempt" not in m.build_service(_context(GPU_RUN))["metadata"]["labels"]
+    [spread] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+        "matchLabels": {"kubetune.dev/run": "llama-chat", "kubetune.dev/component": "train",
+                        "kubetune.dev/attempt": "3"}}}
+    assert "affinity" not in m.build_train_job(_context(CPU_RUN))["spec"]["template"]["spec"]
 
 
 def test_single_process_runs_without_torchrun() -> None:
