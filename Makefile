@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell pwd | sha256sum | cut -c1-12)
 PYTEST := $(PY) -m pytest
 DEMO_DIR ?= demo
 
-.PHONY: bench bench-control-plane setup demo test test-unit test-trainer test-e2e control-plane node node-images cluster cluster-down crds lint clean-demo
+.PHONY: bench bench-control-plane setup demo test test-tools test-unit test-trainer test-e2e control-plane node node-images cluster cluster-down crds lint clean-demo
 
 setup: $(STAMP)
 
@@ -52,10 +52,17 @@ node-images: setup node
 # Real nodes for the e2e tests when KUBETUNE_E2E_NODE=kubelet (else the node agent).
 NODE_PREREQ := $(if $(filter kubelet,$(KUBETUNE_E2E_NODE)),node-images,)
 
-test: setup control-plane $(NODE_PREREQ)
+# What the tests share, made once before the lanes start, so no two lanes build or install it at once.
+test-tools: setup
+	@for tool in helm-unittest kubeconform luahealth kueue; do bash tools/go-tool.sh $$tool >/dev/null || exit 1; done
+	@bash tools/prometheus.sh promtool >/dev/null
+	@$(PY) -c 'from tests.cluster import binaries; binaries.tools_dir()'
+
+# Every test, as three parallel lanes (tests/support/lanes.py); KUBETUNE_TEST_JOBS=1 runs them in turn.
+test: setup control-plane test-tools $(NODE_PREREQ)
 	$(VENV)/bin/lint-imports --config pyproject.toml
 	$(PY) -m kubetune.crdgen --check
-	$(PYTEST) -q -ra --durations=15 tests
+	$(PY) -m tests.support.lanes -q -ra --durations=10
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
