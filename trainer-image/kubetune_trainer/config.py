@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .contract import PROGRESS_FILE
+
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_MAX_RECORD_BYTES = 8 * 2**20  # one JSONL line or .txt file; a larger one is refused unread
 
@@ -110,7 +112,7 @@ class RunConfig(Strict):
 
     @property
     def progress_file(self) -> str:
-        return self.path("result", "progress.json")
+        return self.path(PROGRESS_FILE)
 
 
 def load_config(path: str | Path) -> RunConfig:

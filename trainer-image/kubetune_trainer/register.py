@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import RunConfig
+from .contract import TRAIN_RESULT_FILE
 from .convert import MARKER
 from .errors import TransientError, UserError
 from .results import write_json_atomically
@@ -129,7 +130,7 @@ def converted_folder(config: RunConfig) -> Path:
 def training_run(config: RunConfig) -> dict[str, str] | None:
     """The MLflow run of the training, as the train step recorded it."""
     try:
-        recorded = json.loads((Path(config.result_dir) / "train.json").read_text())
+        recorded = json.loads(Path(config.path(TRAIN_RESULT_FILE)).read_text())
     except (OSError, ValueError):
         return None
     mlflow_ids = recorded.get("mlflow") or {}
