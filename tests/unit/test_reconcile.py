@@ -282,6 +282,29 @@ def test_each_attempt_s_resume_is_one_event_and_a_fallback_a_warning() -> None:
     assert EventType.CHECKPOINT_FALLBACK not in events(plan) and b["status"]["resume"]["attempt"] == 2
 
 
+def test_a_new_attempt_never_takes_the_last_attempt_s_report_for_its_own(monkeypatch) -> None:
+    """Local mode serves every attempt's rank 0 at one URL: a report kept from attempt 1 must not
+    stand for attempt 2 while its trainer starts up (it would say attempt 2 resumed from there)."""
+    from kubetune import tick
+
+    class Recorder:
+        def __getattr__(self, name):  # create, delete, patch_status, post_event: nothing to do here
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(tick, "observe", lambda state, progress=None: replace(state, progress=progress))
+    monkeypatch.setattr(tick, "progress_url", lambda observed, settings: "http://127.0.0.1:9400/metrics")
+    reports = iter([{"percent": 40.0, "resumedFrom": "ckpt/ep0-ba40-rank0.pt"}, None, None])
+    reader = tick.ProgressReader(interval=0, read=lambda url: next(reports))
+    b = training_body()
+    for state in (_training(job(Component.TRAIN, 1, active=1)),
+                  _training(failed(Component.TRAIN, 1, "NcclTimeout", attempt=1)),
+                  _training(job(Component.TRAIN, 2, active=1))):  # its trainer does not answer yet
+        plan = tick.reconcile(Recorder(), b, {"state": state}, SETTINGS, reader, NOW)
+        b = {**b, "status": {**b["status"], **plan.status}}
+    assert b["status"]["attempts"] == 2 and b["status"]["resume"]["attempt"] == 1
+    assert events(plan) == []
+
+
 def test_diverged_loss_does_not_break_the_status() -> None:
     b = training_body()
     progress = {"percent": 5.0, "batchesDone": 5, "batchesTotal": 100, "loss": float("nan")}
