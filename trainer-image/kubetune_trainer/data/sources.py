@@ -42,6 +42,7 @@ class FileTree:
     fs: Any
     root: str
     uri: str
+    local: bool = False  # a local filesystem: files are opened without fsspec (5x less per file)
 
     def display(self, path: str) -> str:
         """A file's name as the user would write it: their spelling of the root + the rest."""
@@ -55,6 +56,21 @@ class FileTree:
         found = self.fs.find(self.root)
         return sorted(path for path in found if path.endswith(suffix) and not hidden(path, self.root))
 
+    def size(self, path: str) -> int | None:
+        if self.local:
+            try:
+                return os.stat(path).st_size
+            except OSError:
+                pass  # a dangling or looping link: fsspec's answer, as for other filesystems
+        return self.fs.size(path)
+
+    def read(self, path: str) -> bytes:
+        if self.local:
+            with open(path, "rb") as handle:
+                return handle.read()
+        with self.fs.open(path, "rb") as handle:
+            return handle.read()
+
 
 def hidden(path: str, root: str) -> bool:
     relative = posixpath.relpath(path, root)
@@ -64,8 +80,10 @@ def hidden(path: str, root: str) -> bool:
 def file_tree(uri: str) -> FileTree:
     import fsspec
 
+    from fsspec.implementations.local import LocalFileSystem
+
     fs, root = fsspec.core.url_to_fs(uri)
-    return FileTree(fs, root, uri)
+    return FileTree(fs, root, uri, isinstance(fs, LocalFileSystem))
 
 
 def hub_dataset_name(path: str) -> tuple[str, str] | None:
@@ -159,7 +177,7 @@ def text_record(tree: FileTree, path: str, limit: int) -> Record:
     """One text file, checked for size first, its bytes read only when needed (`Later`)."""
     location = Location(tree.display(path))
     try:
-        size = tree.fs.size(path)
+        size = tree.size(path)
     except OSError as error:
         return unreadable_file(tree, path, error)
     if size is not None and size > limit:
@@ -252,8 +270,7 @@ def loaded(record: Record) -> Record:
         return record
     tree, path = record.value.tree, record.value.path
     try:
-        with tree.fs.open(path, "rb") as handle:
-            return Record(record.location, Raw(handle.read(), json=False))
+        return Record(record.location, Raw(tree.read(path), json=False))
     except OSError as error:
         return unreadable_file(tree, path, error)
 
