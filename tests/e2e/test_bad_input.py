@@ -3,7 +3,8 @@
 One namespace holds it all: every spec of the corpus (tests/unit/crd_cases/invalid.yaml) is sent
 with the real kubectl and refused by the CRD's schema and CEL rules; the runs only the operator
 can judge (a model's context window, a model path, a Secret, object-store credentials) end
-`Failed` with a reason; meanwhile a good run that references canary Secrets succeeds, and no
+`Failed` with a reason, and so does a run whose training data is broken (its records named by
+file:line); meanwhile a good run that references canary Secrets succeeds, and no
 canary value appears in any status, event, ConfigMap, pod log or the operator's log.
 """
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.cluster
 RUN_TIMEOUT = 420  # as test_lifecycle: a loaded CI machine takes minutes for one run
 CANARY = "kt-canary-7f3a9c1e"  # every Secret value below holds it; no output may
 CASES = Path(__file__).parents[1] / "unit" / "crd_cases" / "invalid.yaml"
+BROKEN_DATA = "ift_broken.jsonl"  # a JSONL file of bad records (tests/trainer/data/broken)
 CORPUS = [case for case in yaml.safe_load(CASES.read_text()) if "status" not in case and "why" not in case]
 
 
@@ -65,6 +67,7 @@ def test_bad_specs_are_refused_and_failed_with_reasons_while_a_good_run_succeeds
         "no-such-secret": ("SecretNotFound", spec_of(inputs, secrets={"hfToken": {"name": "nope", "key": "token"}})),
         "no-such-model": ("ModelNotFound", spec_of(inputs, model=f"{inputs.root}/no-such-model")),
         "s3-no-credentials": ("MissingCredentials", spec_of(inputs, trainDataPath="s3://kubetune-e2e/train.jsonl")),
+        "bad-data": ("DataValidationFailed", spec_of(inputs, trainDataPath=inputs.data(BROKEN_DATA))),
     }
     apply(kubectl, [{**trainingrun("good", spec_of(inputs, secrets=secrets)),
                      "metadata": {"name": "good", "namespace": namespace}}]
@@ -82,6 +85,8 @@ def test_bad_specs_are_refused_and_failed_with_reasons_while_a_good_run_succeeds
         failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
         assert (run["status"]["phase"], failed["reason"]) == ("Failed", reason), (name, failed)
         assert "Traceback" not in failed["message"]
+        if name == "bad-data":  # judged by the prepare Job: each bad record by file:line and rule
+            assert f"{inputs.data(BROKEN_DATA)}:3: missing key 'response'" in failed["message"], failed
     good = wait_phase(kubectl, namespace, "good", {"Failed", "Succeeded"}, RUN_TIMEOUT, operator)
     assert good["status"]["phase"] == "Succeeded", json.dumps(good["status"])[:3000]
 
