@@ -12,6 +12,7 @@ so the sizes differ in data only. Figure: peak at 16x over peak at 1x (1.0 is fl
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main() -> None:
                 print(f"{task} {scale:>2}x: {args.rows * scale:>7} rows, {tokens:>11,} tokens, "
                       f"peak RSS {peak / 2**20:7.0f} MiB, {seconds:.0f}s")
             figures[task] = peaks[-1] / peaks[0]
+    print(f"load average {os.getloadavg()[0]:.1f}")
     print("figure: peak RSS at 16x / 1x the rows: "
           + ", ".join(f"{task} {ratio:.2f}" for task, ratio in figures.items()))
 

@@ -14,6 +14,7 @@ best of each. Figure: copy time ÷ convert time (goal >= 0.5).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_inputs import model_folder, packed_rows, prepared_work_dir, run_config  # noqa: E402
 
 SEED = 11
-ROUNDS = 2
+ROUNDS = 4
 
 
 def trained_checkpoint(root: Path) -> tuple[Path, object]:
@@ -62,6 +63,7 @@ def main() -> None:
         size = weights.stat().st_size
         print(f"checkpoint {next(Path(config.checkpoint_dir).glob('ep*')).stat().st_size / 2**20:.0f} MiB, "
               f"weights {size / 2**20:.0f} MiB; convert {min(converts):.2f}s, copy {min(copies):.2f}s")
+    print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"finalize: convert {size / min(converts) / 2**20:.0f} MiB/s vs raw copy {size / min(copies) / 2**20:.0f} "
           f"MiB/s: ratio {min(copies) / min(converts):.3f}")
 
