@@ -45,8 +45,9 @@ CONTROLLERS = (
     "persistentvolumeclaim-protection-controller", "persistentvolume-protection-controller",
 )
 # With real kubelets (node.py) also what they rely on: Service endpoints (CoreDNS, kube-proxy),
-# PV binding and garbage collection of pods whose node went away.
-NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller",
+# PV binding, garbage collection of pods whose node went away, and node lifecycle (it lifts
+# the not-ready taint a kubelet registers with, or nothing schedules).
+NODE_CONTROLLERS = ("endpoints-controller", "endpointslice-controller", "node-lifecycle-controller",
                     "persistentvolume-binder-controller", "pod-garbage-collector-controller")
 
 

@@ -166,6 +166,8 @@ def test_a_killed_main_process_restarts_its_container(kubelets, kubectl, namespa
             open("/work/tried", "w").close()
             print("first run", flush=True)
             time.sleep(600)
+        print("second run", flush=True)
+        time.sleep(5)   # long enough to see the restarted container's status while it runs
     """
     pod = python_pod(kubelets, "crasher", script, restartPolicy="OnFailure",
                      volumes=[{"name": "work", "emptyDir": {}}],
@@ -176,7 +178,9 @@ def test_a_killed_main_process_restarts_its_container(kubelets, kubectl, namespa
              "pod crasher's first run")
     wait_for(lambda: kubelets.nodes.kill_main_process(namespace, "crasher", "main"), 30,
              "the container's main process to be killed")
+    # Read while the second run lives: once the pod is done, the kubelet may drop the dead one.
+    status = wait_for(lambda: next((c for c in get()["containerStatuses"] if c["restartCount"]), None), 30,
+                      "the container to restart", interval=0.3)
+    assert status["lastState"]["terminated"]["exitCode"] == 137, status
     finished(kubectl, namespace, "crasher", wait_for)
-    status = get()["containerStatuses"][0]
-    assert status["restartCount"] == 1
-    assert status["lastState"]["terminated"]["exitCode"] == 137
+    assert get()["containerStatuses"][0]["restartCount"] == 1
