@@ -90,7 +90,7 @@ CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8",
 TICK = 1.0                    # the longest the worker sleeps (heartbeats); pods wake it
 POLL = 0.2                    # process poll interval where a pidfd cannot be had
 RETRY = 1.0                   # seconds before a failed API call of a pod is tried again
-IO_THREADS = 8                # API calls in flight at once (a kubelet's are concurrent too)
+IO_THREADS = 32               # API calls in flight at once: each waits out the API server's latency
 LEASE_SECONDS, RENEW_EVERY, NODE_STATUS_EVERY = 40, 10.0, 60.0
 DNS_WAIT = 30.0
 BACKOFF = (1, 2, 4, 8, 10)    # container restart back-off, short for tests (kubelet: 10s..5m)
@@ -703,16 +703,16 @@ class NodeAgent:
 
     # -- volumes ----------------------------------------------------------------------------
     def _lookup(self, kind: str, namespace: str, name: str) -> dict | None:
-        read = {"ConfigMap": self.core.read_namespaced_config_map,
-                "Secret": self.core.read_namespaced_secret,
-                "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim}[kind]
-        try:
-            obj = json.loads(read(name, namespace, _preload_content=False).data)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return {**obj, "kind": kind}
+        """A ConfigMap, Secret or claim, or None. Read from the API server's watch cache (a list
+        at resourceVersion 0), as a kubelet reads through its watch-fed cache: no etcd read per
+        pod. One created a moment ago may not be there yet: "not found" for now, and the
+        caller tries again."""
+        list_one = {"ConfigMap": self.core.list_namespaced_config_map,
+                    "Secret": self.core.list_namespaced_secret,
+                    "PersistentVolumeClaim": self.core.list_namespaced_persistent_volume_claim}[kind]
+        items = json.loads(list_one(namespace, field_selector=f"metadata.name={name}", resource_version="0",
+                                    _preload_content=False).data)["items"]
+        return {**items[0], "kind": kind} if items else None
 
     def _materialize_volumes(self, run: PodRun) -> dict[str, Path]:
         pod, out = run.view(), {}
