@@ -8,7 +8,9 @@ blocks on a FIFO until the benchmark releases it, so all N runs sit in Training 
 
 Figures, in one run:
 - creation → training pods created: from the create call of a run to its training pod's ADDED
-  event (data prep ran and finished in between), p50 / p95;
+  event (data prep ran and finished in between), p50 / p95 / max, and the same per stage
+  (operator: create → prep Job, prep pod's exit seen → training Job; the Job controller: Job →
+  pod; the node agent: prep pod → its exit reported);
 - API requests per second at steady state: `apiserver_request_total` (the API server's own
   counter, every client) read before and after a window while every run trains, with the
   biggest resource/verb pairs;
@@ -17,7 +19,13 @@ Figures, in one run:
   released at a steady rate, each writing the time it exits.
 
     make bench-control-plane RUNS=200   (or: .venv/bin/python bench/control_plane.py --runs 200
-                                          [--window 60] [--release-rate 20])
+                                          [--window 60] [--release-rate 20] [--create-rate 20]
+                                          [--kcm-qps 20])
+
+`--create-rate` paces the creations (default: all at once, 8 client threads). `--kcm-qps` is the
+kube-controller-manager's client QPS (its default, 20 a controller, lets the Job controller
+write ~20 times a second: one run's two Jobs cost it about 10 writes, so a burst of runs waits
+on it; clusters this size run it higher).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -53,6 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bench"
 CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
 NAMESPACE = "bench"
+SHM = Path("/dev/shm")
 RESULTS = {
     "prepare": {"ok": True, "step": "prepare", "dataStats": {
         "samples": 1, "tokens": 8, "truncatedSamples": 0, "sequences": 1, "packingEfficiency": 1.0}},
@@ -107,6 +117,7 @@ class Watcher:
 
     def __init__(self, api_client: client.ApiClient):
         self.api_client = api_client
+        self.jobs_added: dict[str, dict[str, float]] = {"prep": {}, "train": {}}
         self.pod_added: dict[str, float] = {}
         self.pod_running: set[str] = set()
         self.prep_added: dict[str, float] = {}
@@ -117,7 +128,7 @@ class Watcher:
         self.stop = threading.Event()
 
     def start(self) -> Watcher:
-        for target in (self._pods, self._runs):
+        for target in (self._pods, self._runs, self._jobs):
             threading.Thread(target=target, daemon=True).start()
         return self
 
@@ -152,6 +163,15 @@ class Watcher:
         elif phase == "Succeeded":
             self.train_done.setdefault(run, now)
 
+    def _jobs(self) -> None:
+        batch = client.BatchV1Api(self.api_client)
+        self._stream(lambda **kw: batch.list_namespaced_job(
+            NAMESPACE, label_selector="kubetune.dev/component in (prep,train)", **kw), self._job)
+
+    def _job(self, job: dict, now: float) -> None:
+        labels = job["metadata"]["labels"]
+        self.jobs_added[labels["kubetune.dev/component"]].setdefault(labels["kubetune.dev/run"], now)
+
     def _runs(self) -> None:
         custom = client.CustomObjectsApi(self.api_client)
         self._stream(lambda **kw: custom.list_namespaced_custom_object(
@@ -163,6 +183,15 @@ class Watcher:
             self.trained.setdefault(name, now)
         if status.get("phase") == "Succeeded":
             self.succeeded.add(name)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"p50": round(statistics.median(values), 2), "p95": round(percentile(values, 95), 2),
+            "max": round(max(values), 2)}
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def say(text: str) -> None:
@@ -185,11 +214,33 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_operator(kubeconfig: Path, work: Path, fifos: Path) -> subprocess.Popen:
+def histogram_quantiles(metrics_text: str, name: str, **match: str) -> dict[str, float | str]:
+    """p50 and p95 of a Prometheus histogram (its series whose labels match `match`, a regex
+    per label, summed) as the upper bound of their bucket, and the count."""
+    summed: dict[float, float] = {}
+    for labels, value in re.findall(rf"^{name}_bucket{{([^}}]*)}} (\S+)$", metrics_text, re.MULTILINE):
+        named = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if all(re.fullmatch(pattern, named.get(label, "")) for label, pattern in match.items()):
+            summed[float(named["le"])] = summed.get(float(named["le"]), 0.0) + float(value)
+    buckets = sorted(summed.items())
+    count = buckets[-1][1] if buckets else 0.0
+    out: dict[str, float | str] = {"count": count}
+    for q in (50, 95):
+        bound = next((le for le, cumulative in buckets if cumulative >= q / 100 * count), float("inf"))
+        out[f"p{q}"] = f"<= {bound:g}"
+    return out
+
+
+def operator_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def start_operator(kubeconfig: Path, work: Path, fifos: Path, metrics_port: int) -> subprocess.Popen:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "default",
            "KUBETUNE_TRAINER_COMMAND": json.dumps(["sh", "-c", step_script(fifos), "step"]),
            "KUBETUNE_STORAGE_URI": str(work / "storage"), "KUBETUNE_STORAGE_CLAIM_NAME": "",
-           "KUBETUNE_OPERATOR_METRICS_PORT": str(free_port()), "KUBETUNE_LOG_LEVEL": "WARNING",
+           "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port), "KUBETUNE_LOG_LEVEL": "WARNING",
            "PYTHONUNBUFFERED": "1"}
     log = open(work / "operator.log", "ab")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator"], env=env,
@@ -211,14 +262,42 @@ def release(runs: list[str], fifos: Path, rate: float) -> None:
         time.sleep(1 / rate)
 
 
-def measure(runs: int, window: float, rate: float, work: Path) -> dict:
+def create_all(custom: client.CustomObjectsApi, names: list[str], rate: float) -> dict[str, float]:
+    """Create the runs, all at once (8 client threads) or `rate` a second; name -> when created."""
+    created: dict[str, float] = {}
+    start = time.monotonic()
+
+    def create(index_name: tuple[int, str]) -> None:
+        index, name = index_name
+        if rate:
+            time.sleep(max(0.0, start + index / rate - time.monotonic()))
+        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, run_manifest(name))
+        created[name] = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(create, enumerate(names)))
+    return created
+
+
+def kcm_flags(qps: float) -> tuple[str, ...]:
+    if not qps:
+        return ()
+    return (f"--kube-api-qps={qps:g}", f"--kube-api-burst={2 * qps:g}", "--concurrent-job-syncs=50")
+
+
+def measure(runs: int, window: float, rate: float, work: Path, create_rate: float = 0.0,
+            kcm_qps: float = 0.0) -> dict:
     fifos = work / "fifos"
     fifos.mkdir(parents=True)
     names = [f"bench-{i:04d}" for i in range(runs)]
     for name in names:
         os.mkfifo(fifos / f"{name}-train-1-0")
     say("starting the control plane and the node agent")
-    cp = ControlPlane(binaries.control_plane_bin_dir(), work / "control-plane").start()
+    # etcd's data in memory where there is a tmpfs: what is measured is the operator, not this
+    # machine's shared disk (an fsync here takes ~4 ms, more when others write; etcd fsyncs
+    # every commit).
+    state = Path(tempfile.mkdtemp(prefix="kubetune-bench-cp-", dir=SHM)) if SHM.is_dir() else work / "control-plane"
+    cp = ControlPlane(binaries.control_plane_bin_dir(), state,
+                      kcm_args=kcm_flags(kcm_qps)).start()
     agent = operator = None
     try:
         agent = NodeAgent(cp.kubeconfig, work / "node").start()
@@ -231,23 +310,24 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
                        check=True, capture_output=True)
         api_client = config.new_client_from_config(config_file=str(cp.kubeconfig))
         watcher = Watcher(api_client).start()
-        operator = start_operator(cp.kubeconfig, work, fifos)
+        metrics_port = free_port()
+        operator = start_operator(cp.kubeconfig, work, fifos, metrics_port)
         time.sleep(5)  # the operator elects itself and lists what there is
-        custom = client.CustomObjectsApi(api_client)
-        created: dict[str, float] = {}
-
-        def create(name: str) -> None:
-            custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, run_manifest(name))
-            created[name] = time.monotonic()
-
-        say(f"creating {runs} TrainingRuns")
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(create, names))
+        load_before, counts_at_start = load_average(), request_counts(cp)
+        say(f"creating {runs} TrainingRuns" + (f", {create_rate:g}/s" if create_rate else " at once"))
+        created = create_all(client.CustomObjectsApi(api_client), names, create_rate)
+        creating_s = max(created.values()) - min(created.values())
         wait_until(lambda: len(watcher.pod_running) == runs, 300 + 5 * runs, "every training pod running")
         to_workers = [watcher.pod_added[n] - created[n] for n in names]
-        stages = {"create->prep pod": [watcher.prep_added[n] - created[n] for n in names],
-                  "prep pod->its exit seen": [watcher.prep_done[n] - watcher.prep_added[n] for n in names],
-                  "prep exit->training pod": [watcher.pod_added[n] - watcher.prep_done[n] for n in names]}
+        jobs = watcher.jobs_added
+        stages = {"operator: create->prep Job": [jobs["prep"][n] - created[n] for n in names],
+                  "job controller: prep Job->pod": [watcher.prep_added[n] - jobs["prep"][n] for n in names],
+                  "node agent: prep pod->its exit reported": [watcher.prep_done[n] - watcher.prep_added[n]
+                                                              for n in names],
+                  "operator: prep exit seen->training Job": [jobs["train"][n] - watcher.prep_done[n]
+                                                             for n in names],
+                  "job controller: training Job->pod": [watcher.pod_added[n] - jobs["train"][n]
+                                                        for n in names]}
 
         say(f"counting API requests for {window:.0f}s of steady state")
         time.sleep(10)  # what the start-up left settles
@@ -262,22 +342,43 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
         wait_until(lambda: len(watcher.trained) == runs, 300 + 5 * runs, "every run Trained")
         wait_until(lambda: len(watcher.succeeded) == runs, 300 + 5 * runs, "every run Succeeded")
         wall = time.time() - time.monotonic()  # the watcher's times are monotonic, `date`'s wall
-        exit_to_status = [watcher.trained[name] + wall - float((fifos / f"{name}-train-1-0.exited").read_text())
-                          for name in names]
+        exited = {name: float((fifos / f"{name}-train-1-0.exited").read_text()) - wall for name in names}
+        exit_to_status = [watcher.trained[n] - exited[n] for n in names]
+        agent_share = [watcher.train_done[n] - exited[n] for n in names]
         operator_share = [watcher.trained[n] - watcher.train_done[n] for n in names]
         rss = peak_rss_mb(operator.pid)
+        counts_at_end = request_counts(cp)
+        api_metrics = cp.api_get("/metrics")[1].decode()
+        whole = {k: v - counts_at_start.get(k, 0.0) for k, v in counts_at_end.items()}
+        per_run = sorted(((v / runs, k) for k, v in whole.items() if v / runs >= 0.5), reverse=True)
+        own = operator_metrics(metrics_port)
         watcher.stop.set()
-        return {"runs": runs,
+        return {"runs": runs, "create_rate": create_rate or "at once", "creating_s": round(creating_s, 2),
+                "kcm_qps": kcm_qps or "default (20)", "etcd_data": "tmpfs" if state.parent == SHM else "disk", "load_average_at_creation": load_before,
+                "load_average_at_end": load_average(),
                 "to_workers_p50": statistics.median(to_workers), "to_workers_p95": percentile(to_workers, 95),
-                "to_workers_stages_p50": {k: round(statistics.median(v), 2) for k, v in stages.items()},
+                "to_workers_max": max(to_workers),
+                "to_workers_stages": {k: spread(v) for k, v in stages.items()},
                 "requests_per_s": sum(delta.values()) / elapsed, "window_s": elapsed,
                 "busiest": [(f"{verb} {resource}", round(per_s, 2)) for per_s, (resource, verb) in busiest],
+                # Every client's requests from the first creation to the last run Succeeded.
+                "requests_per_run": round(sum(whole.values()) / runs, 1),
+                "requests_per_run_busiest": [(f"{verb} {resource}", round(n, 1)) for n, (resource, verb) in per_run],
                 "exit_to_status_p50": statistics.median(exit_to_status),
                 "exit_to_status_p95": percentile(exit_to_status, 95),
+                "exit_to_status_max": max(exit_to_status),
+                # The node agent's share: the process's exit to its pod's Succeeded reaching the API.
+                "exit_to_reported": spread(agent_share),
                 # The operator's share: from the pod's Succeeded reaching the API to status Trained.
                 "reported_to_status_p50": statistics.median(operator_share),
                 "reported_to_status_p95": percentile(operator_share, 95),
-                "operator_peak_rss_mb": rss}
+                "operator_peak_rss_mb": rss,
+                # The API server's own time for writes, every client, since it started.
+                "api_write_latency_s": histogram_quantiles(api_metrics, "apiserver_request_duration_seconds",
+                                                           verb="POST|PUT|PATCH|DELETE"),
+                # The operator's own view, every reconcile of the whole bench (bucket bounds).
+                "operator_reconcile_wait_s": histogram_quantiles(own, "kubetune_reconcile_wait_seconds"),
+                "operator_reconcile_s": histogram_quantiles(own, "kubetune_reconcile_duration_seconds")}
     finally:
         if operator is not None:
             operator.terminate()
@@ -288,6 +389,7 @@ def measure(runs: int, window: float, rate: float, work: Path) -> dict:
         if agent is not None:
             agent.stop()
         cp.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,13 +397,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--window", type=float, default=60.0, help="seconds of steady state counted")
     parser.add_argument("--release-rate", type=float, default=20.0, help="training pods let exit per second")
+    parser.add_argument("--create-rate", type=float, default=0.0, help="runs created per second (0: at once)")
+    parser.add_argument("--kcm-qps", type=float, default=0.0,
+                        help="kube-controller-manager client QPS (0: its default, 20)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on the way out
     # Not under /tmp: the node agent maps a pod's /tmp mount onto its own folder.
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="control-plane-", dir=CACHE))
     try:
-        figures = measure(args.runs, args.window, args.release_rate, work)
+        figures = measure(args.runs, args.window, args.release_rate, work, args.create_rate, args.kcm_qps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(yaml.safe_dump(figures, sort_keys=False))
