@@ -36,6 +36,8 @@ class Invalid(Exception):
 
 
 def require(condition: bool, rule: str) -> None:
+    """For constant rules; a rule with details to format is raised where it breaks, so that
+    the millions of records that keep it do not pay for formatting it."""
     if not condition:
         raise Invalid(rule)
 
@@ -45,8 +47,10 @@ def type_name(value: Any) -> str:
 
 
 def require_text(value: Any, what: str) -> str:
-    require(isinstance(value, str), f"{what} must be a string, got {type_name(value)}")
-    require(value.strip() != "", f"{what} is empty")
+    if not isinstance(value, str):
+        raise Invalid(f"{what} must be a string, got {type_name(value)}")
+    if not value or value.isspace():  # what strip() would leave empty, without copying the text
+        raise Invalid(f"{what} is empty")
     return value
 
 
@@ -54,7 +58,8 @@ def require_object(value: Any) -> dict:
     if isinstance(value, list):
         raise Invalid("record must be a JSON object, got a JSON array (JSONL holds one object per line: "
                       "jq -c '.[]' FILE.json > FILE.jsonl)")
-    require(isinstance(value, dict), f"record must be a JSON object, got {type_name(value)}")
+    if not isinstance(value, dict):
+        raise Invalid(f"record must be a JSON object, got {type_name(value)}")
     return value
 
 
@@ -66,45 +71,52 @@ def found_keys(row: dict) -> str:
 
 def prompt_response(value: Any) -> PromptResponse:
     row = require_object(value)
-    require("prompt" in row, f"missing key 'prompt'{found_keys(row)}")
+    if "prompt" not in row:
+        raise Invalid(f"missing key 'prompt'{found_keys(row)}")
     require(not ("response" in row and "completion" in row),
             "has both 'response' and 'completion' (give one)")
     key = "response" if "response" in row else "completion"
-    require(key in row, f"missing key 'response' (or 'completion'){found_keys(row)}")
-    return PromptResponse(require_text(row["prompt"], "'prompt'"), require_text(row[key], f"'{key}'"))
+    if key not in row:
+        raise Invalid(f"missing key 'response' (or 'completion'){found_keys(row)}")
+    return PromptResponse(require_text(row["prompt"], "'prompt'"),
+                          require_text(row[key], "'response'" if key == "response" else "'completion'"))
 
 
 def message(value: Any, number: int) -> dict[str, str]:
-    where = f"message {number}"
-    require(isinstance(value, dict), f"{where} must be an object with 'role' and 'content', "
-                                     f"got {type_name(value)}")
+    if not isinstance(value, dict):
+        raise Invalid(f"message {number} must be an object with 'role' and 'content', got {type_name(value)}")
     for key in ("role", "content"):
-        require(key in value, f"{where}: missing key '{key}'")
+        if key not in value:
+            raise Invalid(f"message {number}: missing key '{key}'")
     role = value["role"]
-    require(role in ROLES, f"{where}: unknown role {role!r} (expected system, user or assistant)")
-    return {"role": role, "content": require_text(value["content"], f"{where}: content")}
+    if role not in ROLES:
+        raise Invalid(f"message {number}: unknown role {role!r} (expected system, user or assistant)")
+    return {"role": role, "content": require_text(value["content"], f"message {number}: content")}
 
 
 def check_role_order(roles: list[str]) -> None:
     """System optional and first only; then user first; no two adjacent alike; assistant last.
     With two roles left, 'no two adjacent alike' is exactly user/assistant alternation."""
     for number, role in enumerate(roles[1:], start=2):
-        require(role != "system", f"message {number}: 'system' is allowed only as the first message")
+        if role == "system":
+            raise Invalid(f"message {number}: 'system' is allowed only as the first message")
     turns = roles[1:] if roles[0] == "system" else roles
-    if turns:
-        first = len(roles) - len(turns) + 1
-        require(turns[0] == "user", f"message {first}: the first turn must be 'user', got {turns[0]!r}")
+    if turns and turns[0] != "user":
+        raise Invalid(f"message {len(roles) - len(turns) + 1}: the first turn must be 'user', got {turns[0]!r}")
     for number in range(2, len(roles) + 1):
-        require(roles[number - 2] != roles[number - 1],
-                f"messages {number - 1} and {number} both have role {roles[number - 1]!r}")
-    require(roles[-1] == "assistant", f"the last message must be 'assistant', got {roles[-1]!r}")
+        if roles[number - 2] == roles[number - 1]:
+            raise Invalid(f"messages {number - 1} and {number} both have role {roles[number - 1]!r}")
+    if roles[-1] != "assistant":
+        raise Invalid(f"the last message must be 'assistant', got {roles[-1]!r}")
 
 
 def conversation(value: Any) -> Conversation:
     row = require_object(value)
-    require("messages" in row, f"missing key 'messages'{found_keys(row)}")
+    if "messages" not in row:
+        raise Invalid(f"missing key 'messages'{found_keys(row)}")
     messages = row["messages"]
-    require(isinstance(messages, list), f"'messages' must be a list, got {type_name(messages)}")
+    if not isinstance(messages, list):
+        raise Invalid(f"'messages' must be a list, got {type_name(messages)}")
     require(len(messages) > 0, "'messages' is empty")
     clean = tuple(message(item, number) for number, item in enumerate(messages, start=1))
     check_role_order([item["role"] for item in clean])
@@ -113,7 +125,8 @@ def conversation(value: Any) -> Conversation:
 
 def text(value: Any) -> Text:
     if isinstance(value, dict):  # a table or dataset row for continued pre-training
-        require("text" in value, f"missing key 'text'{found_keys(value)}")
+        if "text" not in value:
+            raise Invalid(f"missing key 'text'{found_keys(value)}")
         value = value["text"]
     return Text(require_text(value, "text"))
 
