@@ -1,6 +1,7 @@
 """The parts of the kopf shell that need no API server: the watch-fed store, freshness, progress
 reads, naming, options."""
 
+import copy
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -11,6 +12,7 @@ from kubetune.k8s.cluster import Cluster, camel
 from kubetune.k8s.handlers import Wakeups
 from kubetune.k8s.informer import ChildStore
 from kubetune.k8s.main import RuntimeOptions
+from kubetune.reconcile import observe
 from kubetune.tick import ProgressReader, scrape
 
 METRICS = """\
@@ -164,3 +166,28 @@ def test_a_poke_is_timed_from_the_first_change_until_its_reconcile_takes_it():
     wakeups.poke("ns", "r")
     wakeups.forget("ns", "r")
     assert wakeups.take("ns", "r") is None
+
+
+def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
+    labels = {"kubetune.dev/run": "r", "kubetune.dev/component": "train", "kubetune.dev/attempt": "2",
+              "batch.kubernetes.io/job-name": "r-train-2"}
+    container = {"name": "trainer", "image": "kubetune-trainer", "command": ["sh"], "env": [{"name": "A", "value": "1"}]}
+    job = {"metadata": {"name": "r-train-2", "namespace": "ns", "labels": labels, "resourceVersion": "7"},
+           "spec": {"suspend": False, "completions": 2, "parallelism": 2,
+                    "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}},
+           "status": {"active": 1, "succeeded": 1,
+                      "conditions": [{"type": "SuccessCriteriaMet", "status": "False"}]}}
+    pod = {"metadata": {"name": "r-train-2-0-x", "namespace": "ns", "labels": labels, "resourceVersion": "8",
+                        "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+           "spec": {"containers": [container], "nodeName": "n"},
+           "status": {"phase": "Succeeded", "podIP": "10.0.0.2", "containerStatuses": [
+               {"name": "trainer", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                                              "message": '{"ok": true, "step": "train"}'}}}]}}
+    full = observe(jobs=[copy.deepcopy(job)], pods=[copy.deepcopy(pod)])
+    store = ChildStore()
+    store.put("jobs", job)
+    store.put("pods", pod)
+    kept = store.children("ns", "r")
+    assert "spec" not in kept["pods"][0] and "template" not in kept["jobs"][0]["spec"]
+    assert kept["jobs"][0]["spec"]["completions"] == 2
+    assert observe(jobs=kept["jobs"], pods=kept["pods"]) == full

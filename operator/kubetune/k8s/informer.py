@@ -37,6 +37,17 @@ def run_key(obj: dict[str, Any]) -> Key | None:
     return (meta.get("namespace", ""), run) if run else None
 
 
+def slim(kind: str, obj: dict[str, Any]) -> None:
+    """Drop what the reconcile never reads and most of the bytes are: managed fields, a pod's
+    spec, a Job's pod template (`observe` reads metadata, status, a Job's suspend and
+    completions). A thousand runs' children then fit in the operator's memory bound."""
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    if kind == "pods":
+        obj.pop("spec", None)
+    elif kind == "jobs":
+        (obj.get("spec") or {}).pop("template", None)
+
+
 class ChildStore:
     """What the watches delivered, by run: kind -> (namespace, run) -> name -> object."""
 
@@ -52,7 +63,7 @@ class ChildStore:
     def put(self, kind: str, obj: dict[str, Any]) -> Key | None:
         key = run_key(obj)
         if key is not None:
-            (obj.get("metadata") or {}).pop("managedFields", None)  # never read; half the bytes
+            slim(kind, obj)
             with self._lock:
                 self._by_run[kind].setdefault(key, {})[obj["metadata"]["name"]] = obj
         return key
