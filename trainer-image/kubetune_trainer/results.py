@@ -23,8 +23,10 @@ def termination_log_path() -> Path | None:
     override = os.environ.get(ENV_TERMINATION_LOG)
     if override:
         return Path(override)
+    # The kubelet mounts this one file, writable, into the container; its folder (/dev) is not
+    # the container user's to write. Outside a pod the file does not exist: nothing is written.
     default = Path(TERMINATION_LOG)
-    return default if default.parent.exists() and os.access(default.parent, os.W_OK) else None
+    return default if os.access(default, os.W_OK) else None
 
 
 def fit(document: dict[str, Any], limit: int = MAX_RESULT_BYTES) -> str:
