@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 
+from .images import REPO
+
 pytestmark = pytest.mark.cluster
 
 RESTRICTED = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
@@ -65,6 +67,25 @@ def test_nodes_are_ready_kubelets_on_containerd_with_a_gpu_resource(kubelets, ku
     dns = kubectl.json("get", "pods", "-n", "kube-system", "-l", "k8s-app=kube-dns")["items"]
     assert [p["status"]["phase"] for p in dns] == ["Running"]
     assert dns[0]["spec"]["containers"][0]["image"] == kubelets.images["coredns"]
+
+
+PACKAGES = """
+    import importlib.util, json, pathlib
+    found = []
+    for top in ("kubetune", "kubetune_trainer"):   # as installed, without importing them
+        root = pathlib.Path(importlib.util.find_spec(top).origin).parent
+        found += [".".join((top, *init.parent.relative_to(root).parts)) for init in root.rglob("*/__init__.py")]
+    open("{log}", "w").write(json.dumps(sorted(found)))
+"""
+
+
+def test_the_trainer_image_holds_every_package_of_the_source(kubelets, kubectl, namespace, wait_for):
+    apply(kubectl, namespace, python_pod(kubelets, "packages", PACKAGES.format(log=TERMINATION_LOG)))
+    seen = json.loads(finished(kubectl, namespace, "packages", wait_for)["message"])
+    roots = (REPO / "operator" / "kubetune", REPO / "trainer-image" / "kubetune_trainer")
+    expected = sorted(".".join((root.name, *init.parent.relative_to(root).parts))
+                      for root in roots for init in root.rglob("*/__init__.py"))
+    assert seen == expected, "a subpackage is missing from the image's install"
 
 
 SERVER = """
