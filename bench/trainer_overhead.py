@@ -8,11 +8,12 @@ between batch WARMUP and the last batch, so start-up and the final checkpoint ar
 they are in the bare loop. Figure: kubetune steps/s ÷ bare steps/s, the best round of each
 (goal >= 0.9); the median of the per-round ratios is printed beside it.
 
-    .venv/bin/python bench/trainer_overhead.py
+    .venv/bin/python bench/trainer_overhead.py [--rounds 4]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -92,17 +93,21 @@ def bare_steps_per_second(work: Path, model_dir: Path) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    rounds = parser.parse_args().rounds
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp)
         model = model_folder(root / "model", hidden=256, layers=4, heads=4, kv_heads=2, seed=SEED)
         rows = packed_rows(BATCH * (WARMUP + STEPS), CONTEXT, seed=SEED)
         bare, kubetune = [], []
-        for round_ in range(ROUNDS):
+        for round_ in range(rounds):
             work = prepared_work_dir(root / f"work{round_}", rows)
             bare.append(bare_steps_per_second(work, model))
             kubetune.append(kubetune_steps_per_second(work, model))
-            print(f"round {round_}: bare {bare[-1]:.2f} steps/s, kubetune {kubetune[-1]:.2f} steps/s", flush=True)
+            print(f"round {round_}: bare {bare[-1]:.4f} steps/s, kubetune {kubetune[-1]:.4f} steps/s, "
+                  f"ratio {kubetune[-1] / bare[-1]:.3f}", flush=True)
     per_round = statistics.median(ours / theirs for ours, theirs in zip(kubetune, bare))
     print(f"load average {os.getloadavg()[0]:.1f}; median of the per-round ratios {per_round:.3f}")
     print(f"trainer overhead: kubetune {max(kubetune):.2f} steps/s vs bare loop {max(bare):.2f} steps/s "
