@@ -185,9 +185,17 @@ class Watcher:
             self.succeeded.add(name)
 
 
+def between(earlier: dict[str, float], later: dict[str, float]) -> list[float]:
+    """later - earlier for each run the watches saw both times of (a watch that was cut and
+    listed again misses what happened meanwhile to objects already gone)."""
+    return [later[n] - earlier[n] for n in earlier if n in later]
+
+
 def spread(values: list[float]) -> dict[str, float]:
-    return {"p50": round(statistics.median(values), 2), "p95": round(percentile(values, 95), 2),
-            "max": round(max(values), 2)}
+    if not values:
+        return {"runs": 0}
+    return {"runs": len(values), "p50": round(statistics.median(values), 2),
+            "p95": round(percentile(values, 95), 2), "max": round(max(values), 2)}
 
 
 def load_average() -> str:
@@ -320,14 +328,11 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         wait_until(lambda: len(watcher.pod_running) == runs, 300 + 5 * runs, "every training pod running")
         to_workers = [watcher.pod_added[n] - created[n] for n in names]
         jobs = watcher.jobs_added
-        stages = {"operator: create->prep Job": [jobs["prep"][n] - created[n] for n in names],
-                  "job controller: prep Job->pod": [watcher.prep_added[n] - jobs["prep"][n] for n in names],
-                  "node agent: prep pod->its exit reported": [watcher.prep_done[n] - watcher.prep_added[n]
-                                                              for n in names],
-                  "operator: prep exit seen->training Job": [jobs["train"][n] - watcher.prep_done[n]
-                                                             for n in names],
-                  "job controller: training Job->pod": [watcher.pod_added[n] - jobs["train"][n]
-                                                        for n in names]}
+        stages = {"operator: create->prep Job": between(created, jobs["prep"]),
+                  "job controller: prep Job->pod": between(jobs["prep"], watcher.prep_added),
+                  "node agent: prep pod->its exit reported": between(watcher.prep_added, watcher.prep_done),
+                  "operator: prep exit seen->training Job": between(watcher.prep_done, jobs["train"]),
+                  "job controller: training Job->pod": between(jobs["train"], watcher.pod_added)}
 
         say(f"counting API requests for {window:.0f}s of steady state")
         time.sleep(10)  # what the start-up left settles
@@ -344,8 +349,8 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         wall = time.time() - time.monotonic()  # the watcher's times are monotonic, `date`'s wall
         exited = {name: float((fifos / f"{name}-train-1-0.exited").read_text()) - wall for name in names}
         exit_to_status = [watcher.trained[n] - exited[n] for n in names]
-        agent_share = [watcher.train_done[n] - exited[n] for n in names]
-        operator_share = [watcher.trained[n] - watcher.train_done[n] for n in names]
+        agent_share = between(exited, watcher.train_done)
+        operator_share = between(watcher.train_done, watcher.trained)
         rss = peak_rss_mb(operator.pid)
         counts_at_end = request_counts(cp)
         api_metrics = cp.api_get("/metrics")[1].decode()
@@ -370,8 +375,7 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 # The node agent's share: the process's exit to its pod's Succeeded reaching the API.
                 "exit_to_reported": spread(agent_share),
                 # The operator's share: from the pod's Succeeded reaching the API to status Trained.
-                "reported_to_status_p50": statistics.median(operator_share),
-                "reported_to_status_p95": percentile(operator_share, 95),
+                "reported_to_status": spread(operator_share),
                 "operator_peak_rss_mb": rss,
                 # The API server's own time for writes, every client, since it started.
                 "api_write_latency_s": histogram_quantiles(api_metrics, "apiserver_request_duration_seconds",
