@@ -103,7 +103,7 @@ def test_a_spec_only_the_operator_can_judge_fails_naming_the_field_and_makes_no_
 
 
 def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
-        operator, kubectl, namespace, inputs, site, wait_for):
+        operator, cluster, kubectl, namespace, inputs, site, wait_for):
     spec = small_spec(inputs, "INSTRUCTION_FINETUNE", resources={"nodes": 2},
                       registerTo="main.e2e.two_nodes")
     apply(kubectl, [{**trainingrun("two-nodes", spec),
@@ -118,6 +118,8 @@ def test_two_nodes_get_the_distributed_environment_and_both_ranks_train(
         assert env["MASTER_ADDR"]["value"].startswith("two-nodes-train-")
         assert "fieldRef" in env["NODE_RANK"]["valueFrom"]
         assert pod["status"]["phase"] == "Succeeded"
+    if cluster.kubelets:   # two real nodes: the ranks spread over them, the rendezvous crossed the pod network
+        assert len({pod["spec"]["nodeName"] for pod in pods}) == 2, [pod["spec"]["nodeName"] for pod in pods]
     ranks = [json.loads(read_stored(kubectl, wait_for, site, namespace,
                                     f"two-nodes/result/weights-rank{rank}.json", f"read-weights-{rank}"))
              for rank in (0, 1)]
