@@ -231,17 +231,31 @@ def health(live: dict, tmp_path: Path, luahealth: Path) -> dict:
     return json.loads(out)
 
 
-def leftovers(kubectl, operator_ns: str, runs_ns: str) -> list[str]:
-    """Everything the release could have left behind (the CRD and TrainingRuns are kept on purpose)."""
-    kinds = ("deployments,replicasets,pods,services,configmaps,serviceaccounts,roles,rolebindings,"
-             "leases,poddisruptionbudgets,networkpolicies")
-    names = kubectl("get", kinds, "-n", operator_ns, "-o", "name").stdout.split()
-    names = [n for n in names if n not in ("configmap/kube-root-ca.crt", "serviceaccount/default")]
-    in_runs_ns = kubectl("get", "roles,rolebindings,serviceaccounts", "-n", runs_ns, "-o", "name").stdout.split()
-    names += [f"{runs_ns}/{n}" for n in in_runs_ns if n != "serviceaccount/default"]
-    cluster = kubectl("get", "clusterroles,clusterrolebindings", "-l",
-                      f"app.kubernetes.io/instance={RELEASE}", "-o", "name").stdout.split()
-    return names + cluster
+NOT_STATE = {"events", "events.events.k8s.io"}  # a record of what happened, not what is installed
+
+
+def inventory(kubectl) -> set[str]:
+    """Every object of every listable kind, namespaced and cluster-scoped, as `kind/ns/name`;
+    a TrainingRun's children (labelled with their run) belong to the runs, not to the release."""
+    kinds = [k for k in kubectl("api-resources", "--verbs=list", "-o", "name").stdout.split()
+             if k not in NOT_STATE]
+    items = kubectl.json("get", ",".join(kinds), "--all-namespaces")["items"]
+    return {f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}" for o in items
+            if "kubetune.dev/run" not in (o["metadata"].get("labels") or {})}
+
+
+def leftovers(kubectl, preexisting: set[str], runs_ns: str) -> list[str]:
+    """What exists now and did not before the install, less what is kept on purpose: the CRD
+    and the TrainingRuns."""
+    kept = {"CustomResourceDefinition//trainingruns.kubetune.dev"}
+    return sorted(k for k in inventory(kubectl) - preexisting - kept
+                  if not k.startswith(f"TrainingRun/{runs_ns}/"))
+
+
+def can(kubectl, user: str, namespace: str, verb: str) -> bool:
+    out = kubectl("auth", "can-i", verb, "trainingruns.kubetune.dev", "-n", namespace, f"--as={user}",
+                  check=False).stdout.strip()
+    return out == "yes"
 
 
 @pytest.fixture
@@ -285,8 +299,15 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
                                                    "kubetune-trainer": (namespace, trainer_targets)})
     prometheus = Prometheus(tmp_path, prometheus_config(discovery))
     started = time.time()
+    # The namespace's own account and CA bundle come from controllers: wait, so they count as before.
+    wait_for(lambda: kubectl("get", "serviceaccount/default", "configmap/kube-root-ca.crt", "-n", operator_ns,
+                             check=False).returncode == 0, 60, "the operator namespace's defaults")
+    preexisting = inventory(kubectl)
     try:
         # --- install: the operator runs as the chart's pod, under Pod Security `restricted` -----
+        if cluster.local:  # the control plane is built with release version stamps
+            assert kubectl.json("version")["serverVersion"]["gitVersion"] == "v1.35.4"
+        # The chart's kubeVersion is checked against the server here (it refuses v0.0.0).
         notes = run_helm("install", RELEASE, str(CHART), "-f", str(values), "--wait", "--timeout", "180s")
         assert f"rollout status deploy/{FULLNAME}" in notes
         crd = kubectl.json("get", "crd", "trainingruns.kubetune.dev")
@@ -301,6 +322,18 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         assert probe(first[0], metrics_port, "/healthz") == 200
         wait_for(lambda: probe(first[0], metrics_port, "/readyz") == 200, 60, "the leader's kopf to start")
         assert kubectl.json("get", "lease", LEASE, "-n", operator_ns)["spec"]["holderIdentity"]
+
+        # --- people: `edit` in a namespace creates runs there, `view` only reads them ------------
+        kubectl("create", "rolebinding", "alice-edit", "--clusterrole=edit", "--user=alice", "-n", namespace)
+        kubectl("create", "rolebinding", "bob-view", "--clusterrole=view", "--user=bob", "-n", namespace)
+        wait_for(lambda: can(kubectl, "alice", namespace, "create") and can(kubectl, "bob", namespace, "list"),
+                 60, "the aggregated roles to reach edit and view")
+        probe_run = yaml.safe_dump(trainingrun("rbac-probe", {"model": inputs.model, "trainDataPath": inputs.data(
+            "ift.jsonl"), "registerTo": "main.e2e.helm"}))
+        kubectl("create", "--dry-run=server", "--as=alice", "-n", namespace, "-f", "-", input=probe_run)
+        refused = kubectl("create", "--dry-run=server", "--as=bob", "-n", namespace, "-f", "-",
+                          input=probe_run, check=False)
+        assert refused.returncode != 0 and "forbidden" in refused.stderr, refused.stderr
 
         # --- a short run to Succeeded, then a long one to upgrade the operator under --------------
         spec = {"model": inputs.model, "trainDataPath": inputs.data("ift.jsonl"),
@@ -381,8 +414,11 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
     assert kubectl.json("get", "crd", "trainingruns.kubetune.dev")["metadata"]["name"]
     kept = kubectl.json("get", "trainingrun", "short-run", "-n", namespace)
     assert kept["status"]["phase"] == "Succeeded"
+    # Alice is still bound to `edit`, which no longer grants TrainingRuns: the user roles went too.
+    wait_for(lambda: not can(kubectl, "alice", namespace, "create"), 60, "edit to lose the TrainingRun rights")
+    kubectl("delete", "rolebinding", "alice-edit", "bob-view", "-n", namespace)
     deadline = time.monotonic() + 30  # the garbage collector takes the ReplicaSets and pods
-    while leftovers(kubectl, operator_ns, namespace) and time.monotonic() < deadline:
+    while leftovers(kubectl, preexisting, namespace) and time.monotonic() < deadline:
         time.sleep(1)
-    assert leftovers(kubectl, operator_ns, namespace) == []
+    assert leftovers(kubectl, preexisting, namespace) == []
     kubectl("delete", "namespace", operator_ns, "--wait=false")
