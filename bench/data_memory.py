@@ -77,10 +77,10 @@ def main() -> None:
                 peak, tokens, seconds = peak_rss(task, data, model, Path(scratch) / f"work-{task}-{scale}")
                 peaks.append(peak)
                 print(f"{task} {scale:>2}x: {args.rows * scale:>7} rows, {tokens:>11,} tokens, "
-                      f"peak RSS {peak / 2**20:7.0f} MiB, {seconds:.0f}s")
+                      f"peak PSS {peak / 2**20:7.0f} MiB, {seconds:.0f}s")
             figures[task] = peaks[-1] / peaks[0]
     print(f"load average {os.getloadavg()[0]:.1f}")
-    print("figure: peak RSS at 16x / 1x the rows: "
+    print("figure: peak PSS at 16x / 1x the rows: "
           + ", ".join(f"{task} {ratio:.2f}" for task, ratio in figures.items()))
 
 
