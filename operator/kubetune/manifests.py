@@ -33,6 +33,7 @@ from kubetune_trainer.contract import (
     ENV_POD_IP,
     ENV_PREP_SHARD,
     ENV_PREP_SHARDS,
+    ENV_CPU_FALLBACK,
     ENV_SCRATCH_DIR,
     EXIT_PERMANENT,
 )
@@ -273,6 +274,7 @@ def _rendezvous_env(ctx: BuildContext) -> list[dict[str, Any]]:
         {"name": ENV_MASTER_ADDR, "value": master},
         {"name": ENV_MASTER_PORT, "value": str(ctx.settings.master_port)},
         {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        *([{"name": ENV_CPU_FALLBACK, "value": "1"}] if ctx.settings.cpu_fallback else []),
     ]
 
 

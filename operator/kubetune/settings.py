@@ -51,6 +51,9 @@ class OperatorSettings(BaseModel):
 
     # The extended resource GPUs are requested under when a run names none (amd.com/gpu, ...).
     gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253, pattern=RESOURCE_NAME_PATTERN)
+    # True where that resource is a stand-in with no CUDA device behind it (test clusters): the
+    # training pods then run on CPU instead of failing NoCUDADevice.
+    cpu_fallback: bool = False
     mlflow_tracking_uri: str | None = None
     metrics_port: int = Field(default=9400, ge=1, le=65535)
     master_port: int = Field(default=29500, ge=1, le=65535)

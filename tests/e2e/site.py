@@ -63,6 +63,9 @@ class Site:
     storage_folder: str | None = None  # locally: the storage root, a folder every pod sees
     storage_class: str | None = None   # on a real cluster: the PVC's class (None: the default)
     access_mode: str = "ReadWriteOnce"
+    # This machine's GPUs are a stand-in `nvidia.com/gpu` with no CUDA behind it: GPU runs train
+    # on CPU. A real cluster's are real.
+    cpu_fallback: bool = False
     # Real nodes of this machine: (namespace, claim) → the PersistentVolume bound to that claim.
     volume_for: Callable[[str, str], dict] | None = field(default=None, compare=False)
 
@@ -78,6 +81,7 @@ class Site:
             "KUBETUNE_TRAINER_COMMAND": json.dumps([*self.python, "-m", "kubetune_trainer"]),
             "KUBETUNE_TORCHRUN_COMMAND": json.dumps(list(self.torchrun)),
             "KUBETUNE_MLFLOW_TRACKING_URI": self.tracking_uri,
+            "KUBETUNE_CPU_FALLBACK": "true" if self.cpu_fallback else "false",
         }
         if self.storage_folder:
             return {**env, "KUBETUNE_STORAGE_URI": self.storage_folder, "KUBETUNE_STORAGE_CLAIM_NAME": ""}
@@ -88,7 +92,7 @@ def local_site(storage_folder: Path, tracking_uri: str) -> Site:
     # The node agent runs this interpreter whatever the image; the name is the operator's default.
     return Site(trainer_image=OperatorSettings().trainer_image, python=(sys.executable,),
                 torchrun=(sys.executable, "-m", "torch.distributed.run"),
-                tracking_uri=tracking_uri, storage_folder=str(storage_folder))
+                tracking_uri=tracking_uri, storage_folder=str(storage_folder), cpu_fallback=True)
 
 
 def kubelet_site(trainer_image: str, tracking_uri: str, storage_class: str,
@@ -98,7 +102,7 @@ def kubelet_site(trainer_image: str, tracking_uri: str, storage_class: str,
     this machine that pods reach."""
     return Site(trainer_image=trainer_image, python=("python",), torchrun=("torchrun",),
                 tracking_uri=tracking_uri, storage_class=storage_class, access_mode="ReadWriteMany",
-                volume_for=volume_for)
+                volume_for=volume_for, cpu_fallback=True)
 
 
 def real_site(environ: Mapping[str, str]) -> Site:

@@ -376,6 +376,18 @@ def test_gpus_are_requested_under_the_operators_resource_name_unless_the_run_nam
         OperatorSettings.from_env({"KUBETUNE_GPU_RESOURCE": "nvidia gpu"})
 
 
+def test_training_pods_are_told_to_train_on_cpu_only_where_gpus_are_a_stand_in() -> None:
+    def env(settings: OperatorSettings) -> dict:
+        container = m.build_train_job(_context(GPU_RUN, settings=settings))["spec"]["template"][
+            "spec"]["containers"][0]
+        return {item["name"]: item.get("value") for item in container["env"]}
+
+    assert "KUBETUNE_CPU_FALLBACK" not in env(OperatorSettings())
+    stand_in = OperatorSettings.from_env({"KUBETUNE_CPU_FALLBACK": "true"})
+    assert env(stand_in)["KUBETUNE_CPU_FALLBACK"] == "1"
+    assert OperatorSettings.from_env({"KUBETUNE_CPU_FALLBACK": "false"}).cpu_fallback is False
+
+
 def test_settings_from_env() -> None:
     settings = OperatorSettings.from_env({
         "KUBETUNE_TRAINER_IMAGE": "img:2",

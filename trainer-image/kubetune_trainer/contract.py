@@ -89,6 +89,9 @@ INFO_LABELS = (INFO_MLFLOW_RUN_ID, INFO_MLFLOW_EXPERIMENT_ID, INFO_LATEST_CHECKP
 # Set by the operator (or local mode) on trainer pods and read by the trainer.
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # where the result goes instead of TERMINATION_LOG
 ENV_SCRATCH_DIR = "KUBETUNE_SCRATCH_DIR"  # staging copies of an object-store work_dir
+# "1" on clusters whose GPUs are a stand-in resource (no CUDA device behind it): train on CPU
+# instead of failing NoCUDADevice. The operator sets it from KUBETUNE_CPU_FALLBACK.
+ENV_CPU_FALLBACK = "KUBETUNE_CPU_FALLBACK"
 ENV_POD_IP = "POD_IP"  # rank 0 binds its metrics endpoint here
 ENV_HF_TOKEN = "HF_TOKEN"
 ENV_HF_HOME = "HF_HOME"

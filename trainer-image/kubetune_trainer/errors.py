@@ -54,6 +54,13 @@ def user_error_of(error: BaseException) -> UserError | None:
     return None
 
 
+class NoCUDADevice(StepError):
+    """A GPU pod with no CUDA device (driver or device plugin broken on its node). Retried: the next
+    attempt may land on a working node."""
+
+    reason = "NoCUDADevice"
+
+
 class StorageFull(StepError):
     """No space left where the run writes. Retrying on the same full volume fails the same way."""
 

@@ -53,3 +53,16 @@ def test_global_batch_must_split_evenly_across_processes():
     with pytest.raises(UserError, match="globalBatchSize 6") as error:
         device_batch_size(6, 4)
     assert error.value.reason == "InvalidBatchSize"
+
+
+def test_a_gpu_run_on_a_pod_without_cuda_is_refused_unless_the_cluster_allows_cpu():
+    from kubetune_trainer.errors import NoCUDADevice
+
+    gpus = Distributed(gpus_per_node=2)
+    with pytest.raises(NoCUDADevice, match="2 GPU.*no CUDA device.*KUBETUNE_CPU_FALLBACK=1") as error:
+        runtime_for(gpus, device_batch_size=2, flash_attention=False, cuda=False)
+    assert not error.value.permanent   # another attempt may land on a working node
+    runtime = runtime_for(gpus, device_batch_size=2, flash_attention=False, cuda=False, cpu_fallback=True)
+    assert (runtime.device, runtime.precision, runtime.attn_implementation) == ("cpu", "fp32", "sdpa")
+    assert runtime_for(gpus, device_batch_size=2, flash_attention=False, cuda=True,
+                       cpu_fallback=True).device == "gpu"   # a real GPU always wins

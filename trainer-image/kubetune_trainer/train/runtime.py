@@ -14,10 +14,13 @@ only.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Distributed
+from ..contract import ENV_CPU_FALLBACK
+from ..errors import NoCUDADevice
 
 FSDP_SETTINGS = {
     "sharding_strategy": "FULL_SHARD",
@@ -52,10 +55,29 @@ def flash_attention_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def runtime_for(distributed: Distributed, device_batch_size: int, flash_attention: bool) -> Runtime:
-    if distributed.gpus_per_node == 0:
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_fallback_allowed() -> bool:
+    return os.environ.get(ENV_CPU_FALLBACK) == "1"
+
+
+def runtime_for(distributed: Distributed, device_batch_size: int, flash_attention: bool,
+                cuda: bool = True, cpu_fallback: bool = False) -> Runtime:
+    """How to train: on CPU when the run asks for no GPUs (or its GPUs are a stand-in with no
+    CUDA device and the cluster says so); a GPU run on a pod without CUDA is refused, not slowed
+    down a thousandfold without a word."""
+    if distributed.gpus_per_node == 0 or (not cuda and cpu_fallback):
         return Runtime(device="cpu", precision="fp32", attn_implementation="sdpa",
                        microbatch_size=device_batch_size)
+    if not cuda:
+        raise NoCUDADevice(
+            f"the run asks for {distributed.gpus_per_node} GPU(s) per node, but this pod sees no "
+            "CUDA device: check the node's NVIDIA driver and device plugin, or set "
+            f"{ENV_CPU_FALLBACK}=1 on the operator where GPUs are a stand-in resource")
     return Runtime(
         device="gpu",
         precision="amp_bf16",

@@ -33,7 +33,8 @@ from .lion import DecoupledLionW
 from .mlflow_logging import RunRecord, composer_run_name, hyperparameters, mark_failed, mlflow_logger
 from .model import composer_model, load_custom_weights
 from .progress import Progress
-from .runtime import Runtime, flash_attention_installed, runtime_for
+from .runtime import (Runtime, cpu_fallback_allowed, cuda_available, flash_attention_installed,
+                      runtime_for)
 from .schedule import WarmupLinearDecay
 
 BETAS = (0.99, 0.95)
@@ -112,7 +113,8 @@ def dataloaders(config: RunConfig, runtime: Runtime, batch: int) -> tuple[Any, E
 def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assembly:
     world_size, rank_zero = dist.get_world_size(), dist.get_global_rank() == 0
     batch = device_batch_size(config.global_batch_size, world_size)
-    runtime = runtime_for(config.distributed, batch, flash_attention_installed())
+    runtime = runtime_for(config.distributed, batch, flash_attention_installed(),
+                          cuda=cuda_available(), cpu_fallback=cpu_fallback_allowed())
     train, evaluator, context_length = dataloaders(config, runtime, batch)
 
     model = composer_model(config.model, runtime, empty=runtime.fsdp and not rank_zero)
