@@ -242,6 +242,9 @@ class Nodes:
                 node.containerd.stop(grace=10)
             self._unmount_under(node.dir)
             remove_cgroups(node.cgroup_root)
+            # Its root is a hard-link clone of the seed: kept (pytest keeps old basetemps), it
+            # would pin the layers of an old seed on the disk after the seed itself is gone.
+            shutil.rmtree(node.dir / "containerd", ignore_errors=True)
         if self.scheduler:
             self.scheduler.stop()
 
