@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .light_tokenizer import LightTokenizer, compile_chat_template
+from .light_tokenizer import LightTokenizer
 from .packing import Sample
 from .rules import Conversation, Example, PromptResponse, Text
 
@@ -138,7 +138,7 @@ def chat_renderer(tokenizer: Any) -> Render:
 
 def compiled_template(tokenizer: Any) -> Any:
     if isinstance(tokenizer, LightTokenizer):  # compiled as transformers would, without importing it
-        template = compile_chat_template(tokenizer.get_chat_template())
+        template = tokenizer.compiled_chat_template()
     else:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
