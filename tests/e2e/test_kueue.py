@@ -3,10 +3,9 @@ against the local control plane, its Job and queue webhooks registered with the 
 URL: there is no Service routing here), with a ResourceFlavor, a ClusterQueue and, per test, a
 LocalQueue. One manager serves the module's tests.
 
-The quota is CPU, not `nvidia.com/gpu`: a run that asks for GPUs has its trainer pick the CUDA
-device, which this machine has not (the trainer does not fall back to the CPU), so the runs ask
-for `resources.cpu` and the queue holds one CPU. Kueue's decisions (admit, keep waiting,
-preempt, re-admit) are the same for any resource it counts.
+The quota is one `nvidia.com/gpu`, the stand-in resource the test node advertises; each run asks
+for that GPU, and its trainer trains on CPU because the operator is told the GPUs are a stand-in
+(KUBETUNE_CPU_FALLBACK, set by the e2e site).
 
 - Two runs that each need the whole quota: the second's data is prepared at once, its training
   Job waits (`Queued`, the Running condition naming the LocalQueue, the Workload saying what is
@@ -40,6 +39,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 KUEUE_MODULE = "sigs.k8s.io/kueue@v0.19.2"
 CLUSTER_QUEUE, LOCAL_QUEUE, FLAVOR = "kt-cluster-queue", "team-queue", "kt-default"
 RUN_TIMEOUT = 420
+GPU = "nvidia.com/gpu"   # the node's stand-in resource
 
 
 def kueue_source() -> Path:
@@ -82,8 +82,8 @@ def cluster_queue() -> list[dict]:
          "metadata": {"name": CLUSTER_QUEUE},
          "spec": {"namespaceSelector": {}, "queueingStrategy": "BestEffortFIFO",
                   "preemption": {"withinClusterQueue": "LowerPriority"},
-                  "resourceGroups": [{"coveredResources": ["cpu"], "flavors": [
-                      {"name": FLAVOR, "resources": [{"name": "cpu", "nominalQuota": "1"}]}]}]}},
+                  "resourceGroups": [{"coveredResources": [GPU], "flavors": [
+                      {"name": FLAVOR, "resources": [{"name": GPU, "nominalQuota": "1"}]}]}]}},
         *[{"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
            "metadata": {"name": name}, "value": value, "globalDefault": False}
           for name, value in (("kt-low", 100), ("kt-high", 1000))],
@@ -183,7 +183,7 @@ def queued_spec(inputs: Inputs, data: str, duration: str, priority: str | None =
     scheduling = {"queueName": LOCAL_QUEUE, **({"priorityClassName": priority} if priority else {})}
     return {"model": inputs.model, "trainDataPath": inputs.data(data), "registerTo": "main.e2e.kueue",
             "trainingDuration": duration, "learningRate": 1e-3, "contextLength": 128,
-            "globalBatchSize": 8, "resources": {"cpu": "1"}, "scheduling": scheduling}
+            "globalBatchSize": 8, "resources": {"gpusPerNode": 1}, "scheduling": scheduling}
 
 
 def create(kubectl, namespace: str, name: str, spec: dict) -> None:
@@ -233,14 +233,16 @@ def test_a_run_waits_in_the_queue_for_the_quota_and_trains_after_the_first(
                        "Kueue to say why the second run's training Workload waits")
     assert pending["spec"]["queueName"] == LOCAL_QUEUE
     why = waiting_reason(pending)
-    assert "insufficient unused quota for cpu" in why, why
+    assert f"insufficient unused quota for {GPU}" in why, why
     status = kubectl.json("get", "trainingrun", "second", "-n", namespace)["status"]
     assert status["phase"] == "Queued", status
     running = next(c for c in status["conditions"] if c["type"] == "Running")
     assert running["reason"] == "Queued" and f"LocalQueue {LOCAL_QUEUE}" in running["message"], running
     # Only the training Job waits: the second run's data was prepared while the first trained.
     assert any(c["type"] == "DataPrepared" and c["status"] == "True" for c in status["conditions"])
-    assert job_status(kubectl, namespace, "second-prep").get("succeeded") == 1
+    # The Job controller counts the pod a moment after the operator has seen it succeed.
+    wait_for(lambda: job_status(kubectl, namespace, "second-prep").get("succeeded") == 1, 60,
+             "the Job controller to count the second run's prep pod")
     # The Job controller stamps startTime when Kueue un-suspends a Job: the second's training
     # starts once the first's has finished and given the quota back.
     started = wait_for(lambda: job_status(kubectl, namespace, "second-train-1").get("startTime"), RUN_TIMEOUT,
