@@ -59,7 +59,7 @@ class Encoder:
     def process(self, index: int, records: list[Record]) -> ChunkResult:
         examples, where, problems = [], [], []
         for position, record in enumerate(records):
-            checked = validate(self.task, decoded(record))
+            checked = validate(self.task, decoded(loaded(record)))
             if isinstance(checked, Problem):
                 problems.append((position, checked))
             else:
@@ -91,17 +91,18 @@ class Encoder:
 # --- chunks, workers, shards -------------------------------------------------------------------
 
 def own_chunks(records: Iterable[Record], shard: int, shards: int) -> Iterator[tuple[int, list[Record]]]:
-    """(chunk number, its records read) for the chunks this shard owns."""
+    """(chunk number, its records) for the chunks this shard owns; a text file is read by the
+    worker that encodes it (`Encoder.process`), so reading is spread over the workers too."""
     batch: list[Record] = []
     index = 0
     for record in records:
         batch.append(record)
         if len(batch) == CHUNK:
             if index % shards == shard:
-                yield index, [loaded(item) for item in batch]
+                yield index, batch
             index, batch = index + 1, []
     if batch and index % shards == shard:
-        yield index, [loaded(item) for item in batch]
+        yield index, batch
 
 
 def available_cpus() -> int:
