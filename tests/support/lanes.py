@@ -51,6 +51,7 @@ def lanes() -> list[Lane]:
 def start(lane: Lane, pytest_args: list[str]) -> tuple[subprocess.Popen, Path]:
     log = LOGS / f"{lane.name}.log"
     basetemp = LOGS / "tmp" / lane.name   # one per lane: pytest wipes its own basetemp at start
+    basetemp.parent.mkdir(parents=True, exist_ok=True)   # pytest makes only the last folder
     argv = [sys.executable, "-m", "pytest", f"--basetemp={basetemp}", *pytest_args, *lane.args]
     out = log.open("w")
     proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
