@@ -779,10 +779,11 @@ class NodeAgent:
 
 # -- small process and file helpers -----------------------------------------------------------
 def default_env() -> dict[str, str]:
-    """The "image" environment: this Python's folder first on PATH, so `python` is the venv's."""
+    """The "image" environment: this Python's folder first on PATH, so `python` is the venv's;
+    OMP_NUM_THREADS passes on (the test lanes run many torch processes on few cores)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")])
     env = {"PATH": path, "LANG": os.environ.get("LANG", "C.UTF-8")}
-    env.update({k: os.environ[k] for k in ("PYTHONPATH", "VIRTUAL_ENV") if k in os.environ})
+    env.update({k: os.environ[k] for k in ("PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS") if k in os.environ})
     return env
 
 
