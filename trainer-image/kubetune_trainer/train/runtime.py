@@ -1,7 +1,8 @@
 """Where and how the model runs: device, precision, attention kernel, FSDP.
 
-A pure function of the run's `Distributed` settings (plus whether flash-attention is
-installed), so the GPU path is checked by unit tests on machines without a GPU.
+A pure function of the run's `Distributed` settings (plus whether flash-attention is installed,
+whether CUDA is, and whether the cluster allows a CPU fallback for stand-in GPUs), so the GPU
+path is checked by unit tests on machines without a GPU.
 
 Attention must keep the samples packed into one row apart. On a GPU that takes no dense mask:
 flash-attention 2 (when installed; PyPI ships only its source) finds the samples from
