@@ -12,10 +12,13 @@ arguments and context files, so an unchanged image is not rebuilt; buildah's own
 (`--layers`) makes a source change rebuild only the layers after the dependencies. The buildah
 storage lives in ~/.cache/kubetune/buildah-<driver>. `load(tag, ctr_address, containerd_root)` imports
 an image into a containerd's `k8s.io` namespace, sending only the layers that containerd lacks.
+`store_lock()` serializes the builds and the containerd seed between test sessions of this machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -100,6 +103,24 @@ def binary_image(name: str, binary: Path, entrypoint: list[str]) -> Image:
     (folder / "Containerfile").write_text(f"FROM scratch\nCOPY {name} /{name}\n"
                                           f"USER 65532:65532\nENTRYPOINT [{entry}]\n")
     return Image(name, folder / "Containerfile", folder, (name,))
+
+
+@contextlib.contextmanager
+def store_lock():
+    """Held while images are built and the containerd seed is made or cloned: two test sessions
+    (each its own cluster) share the buildah storage and the seed, which one of them may replace.
+    Not reentrant (flock locks per open file): take it once, around the whole step."""
+    path = cache_root() / "image-store.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another session's image build or seed (%s)", path)
+            started = time.monotonic()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            log.info("waited %.0fs for the image store", time.monotonic() - started)
+        yield
 
 
 # -- buildah ------------------------------------------------------------------------------------

@@ -33,14 +33,15 @@ log = logging.getLogger(__name__)
 
 def build_images(node_bin: Path) -> dict[str, str]:
     """Every image the cluster runs, built (or found by content hash); name → tag."""
-    images.ensure_base()
-    tags = {}
-    for image in (images.binary_image("pause", node_bin / "pause", ["/pause"]),
-                  images.binary_image("coredns", node_bin / "coredns", ["/coredns"]),
-                  images.operator_image(), images.trainer_image()):
-        started = time.monotonic()
-        tags[image.name] = images.build(image)
-        log.info("image %s: %s (%.0fs)", image.name, tags[image.name], time.monotonic() - started)
+    with images.store_lock():
+        images.ensure_base()
+        tags = {}
+        for image in (images.binary_image("pause", node_bin / "pause", ["/pause"]),
+                      images.binary_image("coredns", node_bin / "coredns", ["/coredns"]),
+                      images.operator_image(), images.trainer_image()):
+            started = time.monotonic()
+            tags[image.name] = images.build(image)
+            log.info("image %s: %s (%.0fs)", image.name, tags[image.name], time.monotonic() - started)
     return tags
 
 
@@ -230,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action == "images":   # the slow one-time part, outside any test's timeout
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        print(containerd_seed(build_images(build_node_binaries())))
+        tags = build_images(build_node_binaries())
+        with images.store_lock():
+            print(containerd_seed(tags))
         return 0
     return up(args.nodes) if args.action == "up" else down()
 

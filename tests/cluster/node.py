@@ -213,12 +213,14 @@ class Nodes:
 
     def start(self, timeout: float = 120.0) -> "Nodes":
         try:
-            self.seed = containerd_seed(self.image_tags)
+            with images.store_lock():   # another session may replace the seed meanwhile
+                self.seed = containerd_seed(self.image_tags)
+                for i in range(self.count):
+                    node = self._new_node(i)
+                    self.nodes.append(node)
+                    clone_root(self.seed, node.dir / "containerd" / "root")
             self._start_scheduler(timeout)
-            for i in range(self.count):
-                node = self._new_node(i)
-                self.nodes.append(node)
-                clone_root(self.seed, node.dir / "containerd" / "root")
+            for node in self.nodes:
                 self._start_containerd(node, timeout)
             for node in self.nodes:
                 self._start_kubelet(node, timeout)
@@ -401,7 +403,7 @@ class Nodes:
 # -- images: one containerd root holding them, cloned by hard links into every node ----------------
 
 def containerd_seed(tags: dict[str, str], timeout: float = 60.0) -> Path:
-    """A containerd root with `tags` imported (and pause as PAUSE_ALIAS), one per set of tags
+    """(Under `images.store_lock()`.) A containerd root with `tags` imported (and pause as PAUSE_ALIAS), one per set of tags
     under ~/.cache/kubetune, cloned by hard links into every node: the trainer image is ~7 GB.
     A new set starts from the last seed, so only layers it lacks are imported and unpacked (after
     a source change, the source layers); images of the old set are then removed from it."""
