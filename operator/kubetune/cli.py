@@ -150,11 +150,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.file}: spec valid")
         try:
             from kubetune_trainer.data import analyze
-        except ImportError:
-            print("data checks skipped: install kubetune[trainer] to check data and count tokens")
+        except ModuleNotFoundError as missing:  # any other ImportError is a defect: it surfaces
+            print(data_checks_skipped(missing.name or ""))
             return EXIT_OK
         config = resolve_config(run, local_settings(Path(scratch)))
         return report_data(analyze, config, args.file)
+
+
+def data_checks_skipped(missing_module: str) -> str:
+    """Why the data checks cannot run: the trainer extra is absent, or installed incompletely."""
+    if missing_module.split(".")[0] == "kubetune_trainer":
+        return "data checks skipped: install kubetune[trainer] to check data and count tokens"
+    return (f"data checks skipped: kubetune[trainer] is installed without its dependency "
+            f"{missing_module!r}; reinstall it (pip install 'kubetune[trainer]') to check data")
 
 
 def report_data(analyze, config, path: str) -> int:
