@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import socket
@@ -93,7 +94,7 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
                                private_key_path=config.key_file, trust_env=settings.networking.trust_env)
 
 
-def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure_kopf(settings: kopf.OperatorSettings, *, namespaced: bool = False, **_: Any) -> None:
     # Keep kopf's bookkeeping out of .status (which is ours and schema-checked) and sessions
     # short so an API-server restart is noticed within seconds.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kubetune.dev")
@@ -106,6 +107,10 @@ def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     # kopf would wait 60 s before looking again and only then release its finalizer.
     settings.background.instant_exit_timeout = 5
     settings.background.cancellation_polling = 1
+    # Watching named namespaces, the operator holds no cluster-scoped rights (least privilege):
+    # kopf would list Namespaces and watch CRDs anyway, and log each refusal. It serves the named
+    # namespaces and the CRDs present at startup (the chart installs the CRD before the operator).
+    settings.scanning.disabled = namespaced
 
 
 def elect(options: RuntimeOptions, stop: threading.Event, health: Health):
@@ -158,7 +163,7 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
         threading.Thread(target=lambda: (elector.lost.wait(), health.lost(), metrics.LEADER.set(0),
                                          kopf_stop.set()),
                          daemon=True).start()
-    kopf.on.startup()(configure_kopf)
+    kopf.on.startup()(functools.partial(configure_kopf, namespaced=bool(options.namespaces)))
     kopf.on.login(id="kubetune-login")(login)
     kopf.on.startup(id="kubetune-health")(lambda **_: health.started())
     handlers.register(settings, options.interval)
