@@ -28,6 +28,7 @@ from tests.support.ports import free_port
 from tests.cluster.kubelet_cluster import STORAGE_CLASS
 from tests.support.mlflow_server import running_mlflow_server
 
+from .faults import Faults
 from .site import REPO, Inputs, Site, SiteUnavailable, kubelet_site, local_site, real_site, stage_inputs
 
 CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
@@ -118,6 +119,15 @@ def node_agent(cluster):
     if not cluster.local:
         pytest.skip("acts on the pods' processes through the local node agent")
     return cluster.agent
+
+
+@pytest.fixture
+def faults(cluster) -> Faults:
+    """Faults on pods that mean the same on the node agent and on real nodes (`faults.py`);
+    none act on a remote cluster."""
+    if cluster.control_plane is None:
+        pytest.skip("injects faults into the pods and nodes of this machine's cluster")
+    return Faults(cluster)
 
 
 @pytest.fixture

@@ -2,19 +2,17 @@
 deadlines, TTL, bad data and an API server restarted mid-run (an operator killed in each phase
 is in test_faults.py).
 
-Locally pods run as processes under the test node agent, so a "crashed container" is a SIGKILL
-to a pod's process group, and "the processes stopped" is checked on the processes themselves.
-Against a real cluster the pods' phases stand for that, and the test that crashes a trainer is
-left out.
+A crashed trainer is its container's main process SIGKILLed (`faults.py`: on the node agent its
+process group, on real nodes the container's main process). Locally "the processes stopped" is
+also checked on the processes themselves; elsewhere the pods' phases stand for that. Against a
+remote cluster the tests that inject faults are left out.
 Runs are tiny (a tiny model, epochs of a few batches, or of a few seconds where a test must act
 between two checkpoints); every wait polls against a deadline.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -110,12 +108,6 @@ def wait_stopped(process: subprocess.Popen | None, wait_for) -> None:
         wait_for(lambda: process.poll() is not None, 30, "the trainer process to stop")
 
 
-def crash(process: subprocess.Popen) -> None:
-    """What a crashing container looks like: its process group dies at once, no goodbye.
-    (One-node runs only: torchrun starts its workers in sessions of their own.)"""
-    os.killpg(process.pid, signal.SIGKILL)
-
-
 def checkpoint_batch(path: str) -> int:
     """The batch a checkpoint was written at: `.../ep{e}-ba{b}-rank{r}.pt`."""
     return int(re.search(r"-ba(\d+)-rank\d+\.pt$", path)[1])
@@ -169,7 +161,7 @@ def set_suspend(kubectl, namespace: str, name: str, suspend: bool) -> None:
 # --- tests -----------------------------------------------------------------------------------
 
 def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint(
-        operator, node_agent, kubectl, namespace, inputs, wait_for):
+        operator, faults, kubectl, namespace, inputs, wait_for):
     """One run: suspended and lifted (the same attempt), then its trainer crashes (attempt 2)."""
     name = "resume"
     create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="4ep", backoffLimit=2))
@@ -196,9 +188,8 @@ def test_suspension_and_a_crashed_trainer_both_resume_from_the_latest_checkpoint
     assert names(children(kubectl, namespace, name, "jobs", component="train")) == {f"{name}-train-1"}
 
     # The trainer crashes: the attempt fails and attempt 2 starts from the latest checkpoint.
-    trainer = train_process(node_agent, kubectl, namespace, name, attempt=1)
-    assert trainer is not None, "the trainer of attempt 1 is not running"
-    crash(trainer)
+    pod = train_pods(kubectl, namespace, name, 1)[0]["metadata"]["name"]
+    assert faults.kill_trainer(namespace, pod), "the trainer of attempt 1 is not running"
     wait_for(lambda: live_status(kubectl, namespace, name).get("attempts") == 2, 120, "attempt 2")
     assert "RETRYING" in event_types(kubectl.json("get", "trainingrun", name, "-n", namespace))
     wait_for(lambda: not children(kubectl, namespace, name, "pods,jobs", attempt="1"),
@@ -245,8 +236,8 @@ def test_an_api_server_restart_mid_training_is_ridden_out_without_duplicates(
     """kube-apiserver goes down mid-training: the pods train on, the operator's watches resume (or,
     if its Lease ran out meanwhile, it exits as a replica must and is restarted as its Deployment
     would), and the run finishes in its first attempt with each one-shot event once."""
-    if not cluster.local:
-        pytest.skip("restarts the local API server")
+    if cluster.control_plane is None:
+        pytest.skip("restarts the API server of this machine's cluster")
     name = "steady"
     create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="2ep"))
     wait_training(cluster, kubectl, namespace, name, wait_for)

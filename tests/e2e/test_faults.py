@@ -3,8 +3,8 @@ transition and while its run is deleted, MLflow down while the run registers, a 
 crashes in every attempt, storage that fills up during data preparation.
 
 Each test drives one run through all the faults it can take, so the suite pays for few runs.
-Where a fault needs this machine (the node agent's processes, a tmpfs mount, an MLflow proxy
-the pods reach at 127.0.0.1) the test says so and is left out on a real cluster.
+Where a fault needs this machine (its pods' processes or nodes, a tmpfs mount, an MLflow proxy
+the pods reach) the test says so and is left out on a remote cluster.
 """
 
 from __future__ import annotations
@@ -28,16 +28,19 @@ from .test_controls import (
     RUN_TIMEOUT,
     STOP_TIMEOUT,
     TERMINAL,
+    checkpoint_batch,
     children,
     condition,
     create,
-    crash,
     event_types,
+    first_trained_batch,
     live_status,
     names,
+    rank0_log,
     status_of,
     tiny_spec,
-    train_process,
+    train_pods,
+    wait_checkpoint,
     wait_succeeded,
 )
 
@@ -100,7 +103,9 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
 
     name, model = "phoenix", f"main.e2e.phoenix_{namespace[-6:]}"
     mlflow = urlsplit(site.tracking_uri)
-    proxy = FaultyProxy(mlflow.hostname, mlflow.port).start() if cluster.local else None
+    # The proxy listens where the pods reach this machine (on real nodes: the cluster network's end).
+    listen = cluster.kubelets.network.host_ip if cluster.kubelets else "127.0.0.1"
+    proxy = FaultyProxy(mlflow.hostname, mlflow.port, host=listen).start() if cluster.control_plane else None
     try:
         spec = tiny_spec(inputs, registerTo=model)
         if proxy:
@@ -156,21 +161,21 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
 
 
 def test_a_trainer_that_crashes_in_every_attempt_fails_the_run_with_its_exit_code_and_log_tail(
-        operator, node_agent, kubectl, namespace, inputs, site, wait_for):
+        operator, faults, kubectl, namespace, inputs, site, wait_for):
     """backoffLimit 1: the trainer is SIGKILLed in both attempts. The run fails as
     BackoffLimitExceeded with the last exit code and the end of its log, and each failed attempt
     is an event."""
     name = "crasher"
     create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="20ep", backoffLimit=1))
     for attempt in (1, 2):
-        trainer = wait_for(lambda: live_status(kubectl, namespace, name) and train_process(
-            node_agent, kubectl, namespace, name, attempt), RUN_TIMEOUT, f"the trainer of attempt {attempt}")
+        pod = wait_for(lambda: live_status(kubectl, namespace, name) and train_pods(
+            kubectl, namespace, name, attempt).get(0), RUN_TIMEOUT, f"the trainer of attempt {attempt}")
         # Once it has logged a batch, so the log tail has something of the trainer's own.
         wait_for(lambda: "Train time/batch" in kubectl("logs", f"-l=kubetune.dev/attempt={attempt},"
                                                        f"kubetune.dev/run={name}", "-n", namespace,
                                                        "-c", "train", check=False).stdout,
                  RUN_TIMEOUT, f"the first batch of attempt {attempt}", interval=0.5)
-        crash(trainer)
+        assert faults.kill_trainer(namespace, pod["metadata"]["name"]), f"attempt {attempt} is not training"
     run = wait_phase(kubectl, namespace, name, TERMINAL, 120, operator)
 
     status = run["status"]
@@ -196,6 +201,55 @@ def test_a_trainer_that_crashes_in_every_attempt_fails_the_run_with_its_exit_cod
     wait_for(lambda: not children(kubectl, namespace, name), STOP_TIMEOUT, f"every child of {name} gone")
     if site.storage_folder:
         assert (Path(site.storage_folder) / namespace / name / "data" / "_SUCCESS").is_file()
+
+
+def test_a_kubelet_and_containerd_restarted_and_a_deleted_pod_mid_training_leave_one_of_everything(
+        operator, faults, kubectl, namespace, inputs, site, wait_for):
+    """Real nodes, one run: the kubelet and then containerd of the training pod's node restart
+    mid-training (the container trains on: same pod, same attempt, no container restart); then
+    the training pod is deleted, which fails attempt 1, and attempt 2 resumes from the latest
+    checkpoint. The run Succeeds with one model version, one Job per step, each one-shot event
+    once, and no child created twice. (A killed trainer: test_controls and the crasher above.)"""
+    from mlflow import MlflowClient
+
+    if not faults.real_nodes:
+        pytest.skip("restarts a kubelet and containerd: needs real nodes (KUBETUNE_E2E_NODE=kubelet)")
+    name, model = "weather", f"main.e2e.node_faults_{namespace[-6:]}"
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="4ep", backoffLimit=1,
+                                               registerTo=model))
+    ledger = ChildLedger(kubectl, namespace, name)
+    checkpoint = wait_checkpoint(kubectl, namespace, name, wait_for)
+    pod = train_pods(kubectl, namespace, name, 1)[0]
+
+    faults.restart_kubelet(pod)
+    faults.restart_containerd(pod)
+    checkpoint = wait_checkpoint(kubectl, namespace, name, wait_for, after=checkpoint)   # it trained on
+    ledger.look()
+    after = train_pods(kubectl, namespace, name, 1)[0]
+    assert after["metadata"]["uid"] == pod["metadata"]["uid"] and after["status"]["phase"] == "Running"
+    state = after["status"]["containerStatuses"][0]
+    assert state["restartCount"] == 0 and "running" in state["state"], state
+    assert live_status(kubectl, namespace, name)["attempts"] == 1
+
+    kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=false")
+    wait_for(lambda: ledger.look() and live_status(kubectl, namespace, name).get("attempts") == 2,
+             RUN_TIMEOUT, "attempt 2 after the pod's deletion")
+    resumed_from = wait_for(lambda: live_status(kubectl, namespace, name) and first_trained_batch(
+        rank0_log(kubectl, namespace, name, 2)), RUN_TIMEOUT, "attempt 2's first batch")
+    assert resumed_from >= checkpoint > 0
+    run = wait_succeeded(kubectl, namespace, name, operator)
+    ledger.look()
+
+    status = run["status"]
+    assert status["attempts"] == 2 and event_types(run).count("RETRYING") == 1, status["events"]
+    assert names(children(kubectl, namespace, name, "jobs")) == {
+        f"{name}-prep", f"{name}-train-2", f"{name}-finalize"}
+    resumes = [e["message"] for e in status["events"] if e["type"] == "RESUMED_FROM_CHECKPOINT"]
+    assert len(resumes) == 1 and checkpoint_batch(resumes[0]) == resumed_from, status["events"]
+    counts = Counter(event_types(run))
+    assert {t: counts[t] for t in ONE_SHOT_EVENTS} == dict.fromkeys(ONE_SHOT_EVENTS, 1), counts
+    versions = MlflowClient(site.tracking_uri).search_model_versions(f"name = '{model}'")
+    assert [v.version for v in versions] == [status["registeredModel"]["version"]] == ["1"]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 
 from .conftest import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, apply, trainingrun, wait_phase
 from .site import Inputs, read_stored
+from .timeline import format_timeline, run_timeline
 
 pytestmark = pytest.mark.cluster
 RUN_TIMEOUT = 420
@@ -53,6 +54,7 @@ def test_each_task_type_goes_to_succeeded_with_a_registered_model(
             f"--timeout={RUN_TIMEOUT}s", timeout=RUN_TIMEOUT + 30)
     run = kubectl.json("get", "trainingrun", name, "-n", namespace)
     status = run["status"]
+    print(f"timeline of {name}:\n{format_timeline(run_timeline(kubectl, namespace, name))}")
 
     assert status["phase"] == "Succeeded"
     assert condition(run, "Succeeded")["status"] == "True"
