@@ -1,12 +1,13 @@
-"""The real operator process against the real control plane, installed as the chart will.
+"""The real operator against the real control plane.
 
-Session fixtures: the CRD (applied with the real kubectl), the operator's least-privilege RBAC
-(from `kubetune.rbac`, the one place the rules live), a kubeconfig holding only the operator
-ServiceAccount's token, the `site` (where pods run and what they see: `site.py`), and `kubetune
-operator` itself as a process. Per test, `inputs` stages the tiny model and the example data in
-the test's namespace. Locally the node agent of tests/cluster runs the pods with this interpreter
-and a real MLflow server of this machine records the models; against a real cluster the pods run
-the trainer image.
+Session fixtures: the CRD (applied with the real kubectl), the `site` (where pods run and what
+they see: `site.py`), and the operator. On real nodes of this machine it is a pod of its image,
+installed by the Helm chart (`operator_pods.py`); elsewhere `kubetune operator` runs as a process
+of this machine with the operator's least-privilege RBAC (from `kubetune.rbac`, the one place the
+rules live) and a kubeconfig holding only its ServiceAccount's token. Per test, `inputs` stages
+the tiny model and the example data in the test's namespace. Locally the node agent of
+tests/cluster runs the pods with this interpreter and a real MLflow server of this machine records
+the models; on real nodes and against a real cluster the pods run the trainer image.
 """
 
 from __future__ import annotations
@@ -29,11 +30,25 @@ from tests.cluster.kubelet_cluster import STORAGE_CLASS
 from tests.support.mlflow_server import running_mlflow_server
 
 from .faults import Faults
-from .site import REPO, Inputs, Site, SiteUnavailable, kubelet_site, local_site, real_site, stage_inputs
+from .operator_pods import ChartOperator, OperatorPods, install_chart
+from .site import (
+    E2E_INTERVALS,
+    REPO,
+    Inputs,
+    Site,
+    SiteUnavailable,
+    chart_values,
+    kubelet_site,
+    local_site,
+    real_site,
+    stage_inputs,
+)
 
 CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
 OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
+CHART = REPO / "charts" / "kubetune"
+RELEASE = "kubetune"   # the chart names its objects `kubetune` (its fullname) in this release
 
 def pytest_configure(config):
     for plugin in ("tests.cluster.fixtures", "tests.support.mlflow_server"):
@@ -47,12 +62,17 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
     report = outcome.get_result()
     operator = getattr(item, "funcargs", {}).get("operator")
-    if report.when == "call" and report.failed and isinstance(operator, OperatorProcess):
+    if report.when == "call" and report.failed and isinstance(operator, (OperatorProcess, OperatorPods)):
         report.sections.append(("kubetune operator log", operator.log_tail()))
 
 
 def apply(kubectl, objects) -> None:
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(objects)))
+
+
+def operator_namespace() -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE, "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}}
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +85,7 @@ def crd(kubectl, wait_for):
 @pytest.fixture(scope="session")
 def operator_kubeconfig(cluster, kubectl, tmp_path_factory) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount: it is not admin."""
-    apply(kubectl, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}}])
+    apply(kubectl, [operator_namespace()])
     apply(kubectl, build_rbac(OPERATOR_NAMESPACE, name=OPERATOR_ACCOUNT))
     token = kubectl("create", "token", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE,
                     "--duration=6h").stdout.strip()
@@ -144,8 +164,7 @@ def operator_env(kubeconfig: Path, site: Site, metrics_port: int) -> dict:
         **site.operator_env(),
         "KUBECONFIG": str(kubeconfig),
         "POD_NAMESPACE": OPERATOR_NAMESPACE,
-        "KUBETUNE_RECONCILE_INTERVAL": "1",  # resync (changes wake a run at once anyway)
-        "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",  # the tests wait on live checkpoints
+        **E2E_INTERVALS,
         "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
         "PYTHONUNBUFFERED": "1",
     }
@@ -179,20 +198,55 @@ class OperatorProcess:
     def log_tail(self, size: int = 6000) -> str:
         return self.log.read_bytes()[-size:].decode(errors="replace") if self.log.exists() else ""
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def metrics_address(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    def standby(self, folder: Path) -> OperatorProcess:
+        """A second replica: the same command and env, its own metrics port and log."""
+        port = free_port()
+        return OperatorProcess({**self.env, "KUBETUNE_OPERATOR_METRICS_PORT": str(port)},
+                               folder / "standby.log", port)
+
 
 @pytest.fixture(scope="session")
-def operator(crd, operator_kubeconfig, site, tmp_path_factory, wait_for):
-    port = free_port()
-    log = tmp_path_factory.mktemp("operator-log") / "operator.log"
-    process = OperatorProcess(operator_env(operator_kubeconfig, site, port), log, port).start()
+def operator(crd, site, cluster, kubectl, helm, request, tmp_path_factory, wait_for):
+    folder = tmp_path_factory.mktemp("operator")
+    if cluster.kubelets:
+        running = chart_operator(cluster, kubectl, helm, site, folder)
+    else:
+        port = free_port()
+        kubeconfig = request.getfixturevalue("operator_kubeconfig")
+        running = OperatorProcess(operator_env(kubeconfig, site, port), folder / "operator.log", port).start()
     try:
-        wait_for(lambda: "watching" in process.log_tail() or process.process.poll() is not None,
-                 60, "the operator to start")
-        if process.process.poll() is not None:
-            pytest.fail(f"the operator exited:\n{process.log_tail()}")
-        yield process
+        wait_for(lambda: "watching" in running.log_tail() or not running.alive(), 120, "the operator to start")
+        if not running.alive():
+            pytest.fail(f"the operator exited:\n{running.log_tail()}")
+        yield running
     finally:
-        process.stop()
+        if isinstance(running, OperatorProcess):
+            running.stop()
+        else:   # its pods go with the session's cluster
+            running.close()
+
+
+def chart_operator(cluster, kubectl, helm, site: Site, folder: Path) -> ChartOperator:
+    """`helm install` of the chart into the operator's namespace (Pod Security `restricted`), the
+    operator image built here; cluster-wide, as the tests' namespaces come and go."""
+    apply(kubectl, [operator_namespace()])
+    # No aggregation into `edit`/`view`: the Helm test checks that its own release's go with it.
+    values = {**chart_values(site, cluster.kubelets.images["operator"]), "userRoles": {"aggregate": False}}
+    try:
+        install_chart(helm, cluster.kubeconfig, CHART, RELEASE, OPERATOR_NAMESPACE, values, folder)
+    except RuntimeError as e:
+        pods = kubectl("get", "pods,events", "-n", OPERATOR_NAMESPACE, "-o", "wide", check=False).stdout
+        pytest.fail(f"{e}\n{pods}", pytrace=False)
+    return ChartOperator(cluster, kubectl, OPERATOR_NAMESPACE, RELEASE,
+                         f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator",
+                         folder / "operator.log")
 
 
 def trainingrun(name: str, spec: dict) -> dict:
@@ -239,7 +293,7 @@ def log_size(process: OperatorProcess) -> int:
 def wait_leading(process: OperatorProcess, since: int, wait_for, timeout: float = 60) -> str:
     """Wait until `process` won the Lease and started watching; its identity."""
     def leading():
-        assert process.process.poll() is None, f"the operator exited:\n{process.log_tail()}"
+        assert process.alive(), f"the operator exited:\n{process.log_tail()}"
         return leader_identity(process, since)
     return wait_for(leading, timeout, "the operator to win the Lease", interval=0.5)
 

@@ -8,8 +8,9 @@ Against a real cluster (KUBETUNE_E2E_KUBECONFIG) the pods run the trainer image 
 KUBETUNE_E2E_TRAINER_IMAGE, the storage root is a PVC in each test namespace (its class from
 KUBETUNE_E2E_STORAGE_CLASS, ReadWriteMany where KUBETUNE_E2E_STORAGE_ACCESS_MODE says so, which
 multi-node runs on several nodes need), and MLflow is the server at KUBETUNE_E2E_MLFLOW_URI, which
-the pods and this machine both reach. The operator runs as a process of this machine either way,
-under its own ServiceAccount.
+the pods and this machine both reach. On real kubelets of this machine the operator is a pod of
+its image, installed by the Helm chart with `chart_values`; elsewhere it runs as a process of this
+machine under its own ServiceAccount.
 
 In both places the inputs (the tiny model built by this process, the example data) travel in a
 ConfigMap and are written to the storage by a Job of the trainer image in the test's namespace,
@@ -45,6 +46,8 @@ LONG_DATA_COPIES = 60  # ift.jsonl 60 times: ~150 batches, a few seconds, per ep
 SEED_MOUNT, SCRATCH, INPUTS_DIR = "/seed", "/scratch", "e2e-inputs"
 STORAGE_CLAIM, STORAGE_MOUNT = "kubetune-e2e", OperatorSettings().storage_mount_path
 JOB_TIMEOUT = 300
+# The e2e operator looks at a run every second and reads live checkpoints as often: the tests wait on them.
+E2E_INTERVALS = {"KUBETUNE_RECONCILE_INTERVAL": "1", "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1"}
 
 ENV_IMAGE, ENV_MLFLOW = "KUBETUNE_E2E_TRAINER_IMAGE", "KUBETUNE_E2E_MLFLOW_URI"
 ENV_STORAGE_CLASS, ENV_ACCESS_MODE = "KUBETUNE_E2E_STORAGE_CLASS", "KUBETUNE_E2E_STORAGE_ACCESS_MODE"
@@ -63,6 +66,7 @@ class Site:
     storage_folder: str | None = None  # locally: the storage root, a folder every pod sees
     storage_class: str | None = None   # on a real cluster: the PVC's class (None: the default)
     access_mode: str = "ReadWriteOnce"
+    pull_policy: str = "IfNotPresent"  # Never where the images are built on the nodes' machine
     # This machine's GPUs are a stand-in `nvidia.com/gpu` with no CUDA behind it: GPU runs train
     # on CPU. A real cluster's are real.
     cpu_fallback: bool = False
@@ -82,6 +86,7 @@ class Site:
             "KUBETUNE_TORCHRUN_COMMAND": json.dumps(list(self.torchrun)),
             "KUBETUNE_MLFLOW_TRACKING_URI": self.tracking_uri,
             "KUBETUNE_CPU_FALLBACK": "true" if self.cpu_fallback else "false",
+            "KUBETUNE_IMAGE_PULL_POLICY": self.pull_policy,
         }
         if self.storage_folder:
             return {**env, "KUBETUNE_STORAGE_URI": self.storage_folder, "KUBETUNE_STORAGE_CLAIM_NAME": ""}
@@ -102,7 +107,7 @@ def kubelet_site(trainer_image: str, tracking_uri: str, storage_class: str,
     this machine that pods reach."""
     return Site(trainer_image=trainer_image, python=("python",), torchrun=("torchrun",),
                 tracking_uri=tracking_uri, storage_class=storage_class, access_mode="ReadWriteMany",
-                volume_for=volume_for, cpu_fallback=True)
+                volume_for=volume_for, cpu_fallback=True, pull_policy="Never")
 
 
 def real_site(environ: Mapping[str, str]) -> Site:
@@ -118,6 +123,38 @@ def real_site(environ: Mapping[str, str]) -> Site:
     return Site(trainer_image=environ[ENV_IMAGE], python=("python",),
                 torchrun=("torchrun",), tracking_uri=environ[ENV_MLFLOW],
                 storage_class=environ.get(ENV_STORAGE_CLASS) or None, access_mode=mode)
+
+
+# --- the operator as the Helm chart installs it -------------------------------------------------
+
+# The settings the chart has a value for; every other one of the site's goes in as `extraEnv`.
+CHART_VALUE_PATHS = {
+    "KUBETUNE_TRAINER_IMAGE": ("defaults", "trainerImage"),
+    "KUBETUNE_IMAGE_PULL_POLICY": ("defaults", "trainerPullPolicy"),
+    "KUBETUNE_MLFLOW_TRACKING_URI": ("defaults", "mlflowTrackingUri"),
+    "KUBETUNE_STORAGE_CLAIM_NAME": ("defaults", "storage", "claimName"),
+    "KUBETUNE_STORAGE_URI": ("defaults", "storage", "uri"),
+    "KUBETUNE_RECONCILE_INTERVAL": ("reconcileInterval",),
+}
+
+
+def chart_values(site: Site, operator_image: str | None) -> dict[str, Any]:
+    """The chart's values that point the operator at this site, with the e2e intervals; the
+    operator image by tag (None: the chart's default, where the node agent ignores images)."""
+    values: dict[str, Any] = {"extraEnv": [{"name": "PYTHONUNBUFFERED", "value": "1"}]}
+    for name, value in {**site.operator_env(), **E2E_INTERVALS}.items():
+        if name not in CHART_VALUE_PATHS:
+            values["extraEnv"].append({"name": name, "value": value})
+            continue
+        *parents, key = CHART_VALUE_PATHS[name]
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = float(value) if key == "reconcileInterval" else value
+    if operator_image:
+        repository, tag = operator_image.rsplit(":", 1)
+        values["image"] = {"repository": repository, "tag": tag, "pullPolicy": site.pull_policy}
+    return values
 
 
 # --- the Jobs that stage inputs and read results -----------------------------------------------
@@ -186,7 +223,7 @@ def tool_job(site: Site, namespace: str, name: str, args: list[str],
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": STORAGE_CLAIM}})
         mounts.append({"name": "storage", "mountPath": STORAGE_MOUNT})
     container = {
-        "name": "tool", "image": site.trainer_image, "imagePullPolicy": "IfNotPresent",
+        "name": "tool", "image": site.trainer_image, "imagePullPolicy": site.pull_policy,
         "command": [*site.python, f"{SEED_MOUNT}/seed.py", *args],
         "env": [{"name": "HOME", "value": SCRATCH}, {"name": "TMPDIR", "value": SCRATCH}],
         "volumeMounts": mounts,

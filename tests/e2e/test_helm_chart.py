@@ -6,7 +6,7 @@ them, loads the chart's alert rules, and every query of every Grafana panel retu
 Argo CD health script judges the live run.
 
 One test on purpose: installing, running, upgrading and uninstalling share one ~2-minute run.
-The session's own operator process is stopped meanwhile (two operators must not both act).
+The session's own operator is stopped meanwhile (two operators must not both act).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Callable
 import pytest
 import yaml
 
-from .conftest import free_port, trainingrun, wait_phase
-from .site import REPO, Inputs
+from .conftest import free_port, log_size, trainingrun, wait_leading, wait_phase
+from .site import REPO, Inputs, chart_values
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -41,24 +41,19 @@ HEALTH_LUA = REPO / "argocd" / "resource_customizations" / "kubetune.dev" / "Tra
 RUN_TIMEOUT = 420
 
 
-def chart_values(site, namespace: str, metrics_port: int, image: str | None) -> dict:
-    """The chart's values for this site: its defaults point the runs where the pods see things."""
-    env = site.operator_env()
-    values = {
-        "watchNamespaces": [namespace],
-        "reconcileInterval": 1,
-        "metrics": {"port": metrics_port, "bindAddress": "$(POD_IP)"},
-        "defaults": {"trainerImage": env["KUBETUNE_TRAINER_IMAGE"],
-                     "mlflowTrackingUri": env["KUBETUNE_MLFLOW_TRACKING_URI"],
-                     "storage": {"claimName": env["KUBETUNE_STORAGE_CLAIM_NAME"],
-                                 "uri": env["KUBETUNE_STORAGE_URI"]}},
-        "extraEnv": [{"name": "KUBETUNE_TRAINER_COMMAND", "value": env["KUBETUNE_TRAINER_COMMAND"]},
-                     {"name": "KUBETUNE_TORCHRUN_COMMAND", "value": env["KUBETUNE_TORCHRUN_COMMAND"]},
-                     {"name": "PYTHONUNBUFFERED", "value": "1"}],
-    }
-    if image:
-        values["image"] = {"repository": image.rsplit(":", 1)[0], "tag": image.rsplit(":", 1)[1]}
-    return values
+def release_values(site, namespace: str, metrics_port: int, image: str | None) -> dict:
+    """The site's chart values (its defaults point the runs where the pods see things), for one
+    namespace, serving metrics on the pod's own address."""
+    return {**chart_values(site, image), "watchNamespaces": [namespace],
+            "metrics": {"port": metrics_port, "bindAddress": "$(POD_IP)"}}
+
+
+def operator_image(cluster) -> str | None:
+    """The operator image: built here for real nodes, named by the user for a real cluster, none
+    for the node agent (it runs this checkout's `kubetune`)."""
+    if cluster.kubelets:
+        return cluster.kubelets.images["operator"]
+    return os.environ.get("KUBETUNE_E2E_OPERATOR_IMAGE")
 
 
 class Helm:
@@ -265,10 +260,9 @@ def quiet_session_operator(operator, wait_for):
     try:
         yield
     finally:
-        mark = operator.log.stat().st_size
+        since = log_size(operator)
         operator.start()
-        wait_for(lambda: "watching" in operator.log.read_bytes()[mark:].decode(errors="replace"),
-                 60, "the session operator to start again")
+        wait_leading(operator, since, wait_for, timeout=120)
 
 
 @pytest.fixture
@@ -284,7 +278,7 @@ def luahealth():
 def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         quiet_session_operator, cluster, kubectl, helm, namespace, inputs: Inputs, site,
         wait_for, tmp_path, luahealth):
-    image = os.environ.get("KUBETUNE_E2E_OPERATOR_IMAGE")
+    image = operator_image(cluster)
     if not cluster.local and not image:
         pytest.skip("on a real cluster the chart needs KUBETUNE_E2E_OPERATOR_IMAGE (operator/Dockerfile)")
     operator_ns = f"{namespace}-op"
@@ -292,7 +286,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
     kubectl("label", "namespace", operator_ns, "pod-security.kubernetes.io/enforce=restricted")
     metrics_port = free_port()
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump(chart_values(site, namespace, metrics_port, image)))
+    values.write_text(yaml.safe_dump(release_values(site, namespace, metrics_port, image)))
     run_helm = Helm(helm, cluster.kubeconfig, operator_ns)
     crd_was_there = kubectl("get", "crd", "trainingruns.kubetune.dev", check=False).returncode == 0
     discovery = PodDiscovery(kubectl, tmp_path, {"kubetune-operator": (operator_ns, operator_targets),
@@ -305,7 +299,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
     preexisting = inventory(kubectl)
     try:
         # --- install: the operator runs as the chart's pod, under Pod Security `restricted` -----
-        if cluster.local:  # the control plane is built with release version stamps
+        if cluster.control_plane:  # this machine's, built with release version stamps
             assert kubectl.json("version")["serverVersion"]["gitVersion"] == "v1.35.4"
         # The chart's kubeVersion is checked against the server here (it refuses v0.0.0).
         notes = run_helm("install", RELEASE, str(CHART), "-f", str(values), "--wait", "--timeout", "180s")
@@ -405,7 +399,7 @@ def test_helm_install_run_upgrade_uninstall_with_prometheus_and_argocd_health(
         prometheus.stop()
         discovery.stop()
         logs = "\n".join(cluster.pod_logs(operator_ns, p["metadata"]["name"])[-3000:]
-                         for p in operator_pods(kubectl, operator_ns)) if cluster.local else ""
+                         for p in operator_pods(kubectl, operator_ns)) if cluster.control_plane else ""
         print(f"--- operator pods' logs:\n{logs}")  # shown when the test fails
 
     # --- uninstall: the CRD and the runs stay, nothing else -------------------------------------

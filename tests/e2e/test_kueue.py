@@ -1,5 +1,5 @@
 """Kueue, for real: the Kueue manager built from its Go module (sigs.k8s.io/kueue v0.19.2) runs
-against the local control plane, its Job and queue webhooks registered with the API server (by
+against this machine's control plane, its Job and queue webhooks registered with the API server (by
 URL: there is no Service routing here), with a ResourceFlavor, a ClusterQueue and, per test, a
 LocalQueue. One manager serves the module's tests.
 
@@ -122,8 +122,8 @@ def established(kubectl, crd: str) -> bool:
 @pytest.fixture(scope="module")
 def kueue_manager(operator, cluster, kubectl, wait_for, tmp_path_factory):
     """One Kueue manager, its webhooks and the ClusterQueue for every test of the module."""
-    if not cluster.local:
-        pytest.skip("runs its own Kueue manager against the local control plane")
+    if cluster.control_plane is None:
+        pytest.skip("runs its own Kueue manager against this machine's control plane")
     if shutil.which("go") is None:
         pytest.skip("the Kueue manager is built from its Go module")
     built = subprocess.run(["bash", str(REPO / "tools" / "go-tool.sh"), "kueue"], capture_output=True, text=True)

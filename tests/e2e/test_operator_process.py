@@ -1,9 +1,10 @@
-"""The operator as a process: its Prometheus endpoint, and one leader among replicas.
+"""The operator's Prometheus endpoint, and one leader among replicas.
 
-Two `kubetune operator` processes with the same configuration stand for a Deployment with two
-replicas: only the holder of the Lease acts; when it dies, the other takes the Lease over once it
-expires and carries on. The session operator is the first replica; it is restarted afterwards, so
-the tests after these find it leading again.
+Two operators with the same configuration stand for a Deployment with two replicas (processes of
+this machine, or on real nodes the chart's pod and a second pod of its template): only the holder
+of the Lease acts; when it dies, the other takes the Lease over once it expires and carries on.
+The session operator is the first replica; it is restarted afterwards, so the tests after these
+find it leading again.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import (
     LEASE_NAME,
     OPERATOR_NAMESPACE,
-    OperatorProcess,
     apply,
-    free_port,
     lease_holder,
     leader_identity,
     log_size,
@@ -35,8 +34,8 @@ RETRY_SECONDS = 2  # how often a waiting replica asks for the Lease (LeaseElecto
 SLACK_SECONDS = 5  # API calls and a busy machine
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
         return response.read().decode()
 
 
@@ -66,16 +65,14 @@ def valid_spec(inputs: Inputs) -> dict:
 
 @pytest.fixture
 def standby(operator, kubectl, tmp_path, wait_for):
-    """A second replica: the session operator's command and env, its own metrics port and log."""
-    port = free_port()
-    process = OperatorProcess({**operator.env, "KUBETUNE_OPERATOR_METRICS_PORT": str(port)},
-                              tmp_path / "standby.log", port).start()
+    """A second replica: the session operator's command and env, its own metrics and log."""
+    process = operator.standby(tmp_path).start()
     try:
         # Metrics are served before the election, so this says the process is up and waiting.
-        wait_for(lambda: scrape(port), 60, "the second operator's metrics endpoint")
+        wait_for(lambda: scrape(process.metrics_address), 120, "the second operator's metrics endpoint")
         yield process
     finally:
-        if operator.process.poll() is None:
+        if operator.alive():
             process.stop()
         else:  # the test killed the session operator: start it again and hand the Lease back
             since = log_size(operator)
@@ -91,7 +88,7 @@ def test_the_metrics_endpoint_serves_run_phases_and_reconcile_latency(operator, 
     wait_phase(kubectl, namespace, name, {"Failed"}, 60, operator)
 
     def failed_recorded():
-        text = scrape(operator.metrics_port)
+        text = scrape(operator.metrics_address)
         return metric(text, "kubetune_trainingrun_phase_info", namespace=namespace, name=name,
                       phase="Failed") == 1 and text
     text = wait_for(failed_recorded, 30, "the Failed phase in the operator's metrics")
@@ -105,7 +102,7 @@ def test_the_metrics_endpoint_serves_run_phases_and_reconcile_latency(operator, 
     kubectl("delete", "trainingrun", name, "-n", namespace)
 
     def forgotten():
-        text = scrape(operator.metrics_port)
+        text = scrape(operator.metrics_address)
         return (metric(text, "kubetune_trainingrun_phase_info", namespace=namespace, name=name) is None
                 and not metric(text, "kubetune_trainingruns", namespace=namespace, phase="Failed"))
     wait_for(forgotten, 30, "the deleted run to leave the operator's metrics")
@@ -119,10 +116,10 @@ def test_a_second_operator_waits_for_the_lease_and_takes_over_when_the_leader_di
     # While the leader lives, the second replica only waits: a new run is the leader's alone.
     create(kubectl, namespace, "first", invalid_spec())
     wait_phase(kubectl, namespace, "first", {"Failed"}, 60, operator)
-    wait_for(lambda: metric(scrape(operator.metrics_port), "kubetune_trainingrun_phase_info",
+    wait_for(lambda: metric(scrape(operator.metrics_address), "kubetune_trainingrun_phase_info",
                             namespace=namespace, name="first", phase="Failed") == 1,
              30, "the leader's metrics to show the run")
-    waiting = scrape(standby.metrics_port)
+    waiting = scrape(standby.metrics_address)
     assert metric(waiting, "kubetune_trainingrun_phase_info") is None
     assert not metric(waiting, "kubetune_reconcile_duration_seconds_count")
     assert leader_identity(standby) is None and "watching" not in standby.log_tail()
@@ -145,5 +142,5 @@ def test_a_second_operator_waits_for_the_lease_and_takes_over_when_the_leader_di
     assert "second-prep" in {job["metadata"]["name"] for job in jobs}
     kubectl("annotate", "trainingrun", "second", "-n", namespace, "kubetune.dev/cancel=true")
     wait_phase(kubectl, namespace, "second", {"Cancelled"}, 60, standby)
-    assert metric(scrape(standby.metrics_port), "kubetune_trainingrun_phase_info",
+    assert metric(scrape(standby.metrics_address), "kubetune_trainingrun_phase_info",
                   namespace=namespace, name="second", phase="Cancelled") == 1

@@ -10,16 +10,21 @@ import sys
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from kubetune.settings import OperatorSettings
+from tests.chart.tools import render
 from tests.unit.test_manifests import K8S_VERSION, restricted_violations
 
 from .site import (
+    E2E_INTERVALS,
     ENV_ACCESS_MODE,
     ENV_IMAGE,
     ENV_MLFLOW,
     SEED_SCRIPT,
     SiteUnavailable,
+    chart_values,
+    kubelet_site,
     local_site,
     real_site,
     seed_config_map,
@@ -63,6 +68,28 @@ def test_locally_the_operator_runs_this_interpreter_on_a_folder(tmp_path):
     assert settings.storage_uri == str(tmp_path) and settings.storage_claim_name is None
     pod = tool_job(site, "ns", "e2e-seed", ["seed"], [])["spec"]["template"]["spec"]
     assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+def test_on_real_nodes_the_chart_installs_the_operator_with_the_site_settings(tmp_path):
+    """What the session's `helm install` gets on real nodes of this machine: the operator reads
+    the site's settings and the e2e intervals from the chart's ConfigMap and env, and no image is
+    pulled (they are built here)."""
+    site = kubelet_site("localhost/kubetune/trainer:0123", "http://10.200.255.1:5000", "kubetune-local",
+                        lambda namespace, claim: {})
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(chart_values(site, "localhost/kubetune/operator:4567")))
+    objects = render("default", "-f", str(values))
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert (container["image"], container["imagePullPolicy"]) == ("localhost/kubetune/operator:4567", "Never")
+    settings = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-settings"))
+    env = {**settings["data"], **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    wanted = {**site.operator_env(), **E2E_INTERVALS}
+    assert {name: env.get(name) for name in wanted} == wanted
+    operator = OperatorSettings.from_env(env)
+    assert operator.trainer_image == site.trainer_image and operator.image_pull_policy == "Never"
+    assert operator.cpu_fallback and operator.storage_claim_name == "kubetune-e2e"
+    assert restricted_violations(deployment["spec"]["template"]["spec"]) == []
 
 
 @pytest.mark.parametrize("where", ["local", "real"])
