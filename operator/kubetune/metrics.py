@@ -22,6 +22,9 @@ RECONCILE_WAIT_SECONDS = Histogram("kubetune_reconcile_wait_seconds",
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised",
                            ["reason"], registry=REGISTRY)
+EVENTS_DROPPED = Counter("kubetune_events_dropped_total",
+                         "Kubernetes Events not posted: too many were waiting (status.events has them)",
+                         registry=REGISTRY)
 RUN_PHASE = Gauge("kubetune_trainingrun_phase_info", "1 for the current phase of each run",
                   ["namespace", "name", "phase"], registry=REGISTRY)
 LEADER = Gauge("kubetune_operator_leader", "1 while this replica holds the Lease and acts, else 0",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Mapping
+from concurrent.futures import Executor, wait
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -73,8 +74,10 @@ class ProgressReader:
 
 
 def reconcile(cluster: Cluster, run: Mapping[str, Any], children: Children,
-              settings: OperatorSettings, progress: ProgressReader, now: datetime) -> Plan:
-    """One tick of `run` (the resource as the API returns it) given its `children`."""
+              settings: OperatorSettings, progress: ProgressReader, now: datetime,
+              side: Executor | None = None) -> Plan:
+    """One tick of `run` (the resource as the API returns it) given its `children`; `side`: see
+    `apply`."""
     observed = observe(**children)
     # A finished run is still observed (leftover children get cleaned up) but not scraped.
     finished = (run.get("status") or {}).get("phase") in {phase.value for phase in TERMINAL}
@@ -86,17 +89,31 @@ def reconcile(cluster: Cluster, run: Mapping[str, Any], children: Children,
     plan = decide(run, observed, now, settings)
     if "attempts" in plan.status:  # a new attempt: the last one's report must not stand for it
         progress.forget(uid)
-    apply(cluster, run, plan, now)
+    apply(cluster, run, plan, now, side)
     return plan
 
 
-def apply(cluster: Cluster, run: Mapping[str, Any], plan: Plan, now: datetime) -> None:
+def apply(cluster: Cluster, run: Mapping[str, Any], plan: Plan, now: datetime,
+          side: Executor | None = None) -> None:
+    """Given `side` (threads that only ever run one write), the status patch goes out on it
+    while the children's writes go out here: each is on a critical path of its own (a step's
+    Job after the last step's exit; the status showing that exit), and neither waits for the
+    other's round trips. Both are done when this returns."""
     meta = run["metadata"]
-    for ref in plan.delete:
-        cluster.delete(ref)
-    for manifest in plan.create:
-        cluster.create(manifest)
-    if plan.status:
+    patched = None
+    if plan.status and side is not None:
+        patched = side.submit(cluster.patch_status, meta["namespace"], meta["name"], plan.status)
+    try:
+        for ref in plan.delete:
+            cluster.delete(ref)
+        for manifest in plan.create:
+            cluster.create(manifest)
+    finally:
+        if patched is not None:  # never return with our own write in flight
+            wait([patched])
+    if patched is not None:
+        patched.result()  # its error, after the children's
+    elif plan.status:
         cluster.patch_status(meta["namespace"], meta["name"], plan.status)
     for event in plan.events:  # after the status: status.events is the record, these mirror it
         cluster.post_event(run, event, now)

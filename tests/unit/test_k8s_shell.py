@@ -1,19 +1,27 @@
 """The parts of the kopf shell that need no API server: the watch-fed store, freshness, progress
-reads, naming, options."""
+reads, naming, options, how a tick's writes go out."""
 
+import asyncio
+import concurrent.futures
 import copy
 import threading
 import time
+from dataclasses import replace
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import kopf
+import pytest
 from kubernetes import client
 
-from kubetune.k8s.cluster import Cluster, camel
-from kubetune.k8s.handlers import Wakeups
+from kubetune import metrics
+from kubetune.api import EventType
+from kubetune.k8s.cluster import Cluster, EventPoster, camel
+from kubetune.k8s.handlers import Wakeups, sleep_until_woken
 from kubetune.k8s.informer import ChildStore
-from kubetune.k8s.main import RuntimeOptions
-from kubetune.reconcile import observe
-from kubetune.tick import ProgressReader, scrape
+from kubetune.k8s.main import RuntimeOptions, UnkeptDiffBase
+from kubetune.reconcile import Plan, PlannedEvent, observe
+from kubetune.tick import ProgressReader, apply, scrape
 
 METRICS = """\
 # HELP kubetune_train_progress_ratio progress
@@ -191,3 +199,101 @@ def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
     assert "spec" not in kept["pods"][0] and "template" not in kept["jobs"][0]["spec"]
     assert kept["jobs"][0]["spec"]["completions"] == 2
     assert observe(jobs=kept["jobs"], pods=kept["pods"]) == full
+
+
+class Writes:
+    """A cluster whose writes take their time, recording what ran on which thread."""
+
+    def __init__(self, create_error: Exception | None = None):
+        self.patch_started, self.log, self.create_error = threading.Event(), [], create_error
+
+    def create(self, manifest):
+        self.log.append(("create waits for the patch", self.patch_started.wait(5)))
+        if self.create_error:
+            raise self.create_error
+
+    def delete(self, ref):
+        self.log.append(("delete", ref))
+
+    def patch_status(self, namespace, name, status):
+        self.patch_started.set()
+        time.sleep(0.05)
+        self.log.append(("patched", threading.current_thread().name))
+
+    def post_event(self, run, event, now):
+        self.log.append(("event", event.type))
+
+
+def a_plan(**changes) -> Plan:
+    event = PlannedEvent(EventType.DATA_VALIDATED, "prepared", "2026-01-01T00:00:00Z")
+    return replace(Plan(status={"phase": "Training"}, create=({"kind": "Job"},), events=(event,)), **changes)
+
+
+def test_the_status_patch_goes_out_beside_the_childrens_writes_and_lands_before_the_events():
+    cluster, side = Writes(), concurrent.futures.ThreadPoolExecutor(1, "side")
+    apply(cluster, run_at("1", "PreparingData"), a_plan(), datetime.now(timezone.utc), side)
+    # The create saw the patch under way (one after the other, it would wait its 5 s out).
+    assert cluster.log == [("create waits for the patch", True), ("patched", "side_0"),
+                           ("event", EventType.DATA_VALIDATED)]
+    plain = Writes()  # no side threads (local mode): one after the other, the children first
+    plain.patch_started.set()
+    apply(plain, run_at("1", "PreparingData"), a_plan(), datetime.now(timezone.utc))
+    assert [entry[0] for entry in plain.log] == ["create waits for the patch", "patched", "event"]
+
+
+def test_a_failed_create_fails_the_tick_after_its_patch_is_done_and_posts_no_event():
+    cluster = Writes(create_error=RuntimeError("API down"))
+    side = concurrent.futures.ThreadPoolExecutor(1, "side")
+    with pytest.raises(RuntimeError, match="API down"):
+        apply(cluster, run_at("1", "PreparingData"), a_plan(), datetime.now(timezone.utc), side)
+    assert cluster.log[-1] == ("patched", "side_0")  # never left in flight
+
+
+def test_events_are_posted_off_the_tick_and_a_full_backlog_drops_them_counted():
+    release, posted = threading.Event(), []
+    poster = EventPoster(threads=1, backlog=2)
+    dropped = metrics.REGISTRY.get_sample_value("kubetune_events_dropped_total") or 0.0
+    assert poster.submit(lambda: (release.wait(5), posted.append(1)))  # taken by the thread
+    time.sleep(0.05)
+    assert poster.submit(lambda: posted.append(2)) and poster.submit(lambda: posted.append(3))
+    assert not poster.submit(lambda: posted.append(4))  # the backlog is full
+    assert metrics.REGISTRY.get_sample_value("kubetune_events_dropped_total") == dropped + 1
+    assert posted == []  # the caller never waited for a post
+    release.set()
+    poster.join()
+    assert posted == [1, 2, 3]
+
+
+def test_only_mirrored_events_go_out_as_kubernetes_events():
+    queued = []
+
+    class Recording(EventPoster):
+        def submit(self, post):
+            queued.append(post)
+            return True
+
+    cluster = Cluster(ChildStore(), client.ApiClient(client.Configuration()), Recording(threads=0))
+    now = datetime.now(timezone.utc)
+    for type_ in (EventType.CREATED, EventType.VALIDATED, EventType.REGISTERED, EventType.COMPLETED):
+        cluster.post_event(run_at("1", "Pending"), PlannedEvent(type_, "m", "t"), now)
+    assert len(queued) == 2  # Created and Completed; their siblings say nothing more
+    assert not PlannedEvent(EventType.VALIDATED, "m", "t").mirrored
+    assert PlannedEvent(EventType.FAILED, "m", "t").mirrored
+
+
+def test_a_loop_knows_whether_a_change_or_its_timer_woke_it():
+    async def both():
+        wake = asyncio.Event()
+        timed_out = await sleep_until_woken(wake, 0.01)
+        asyncio.get_running_loop().call_later(0.01, wake.set)
+        return timed_out, await sleep_until_woken(wake, 5)
+
+    assert asyncio.run(both()) == (False, True)
+
+
+def test_kopf_keeps_no_diff_base_on_the_runs():
+    storage = UnkeptDiffBase(prefix="kopf.kubetune.dev")
+    body = kopf.Body({"metadata": {"name": "r"}, "spec": {"model": "m"}})
+    patch = kopf.Patch()
+    storage.store(body=body, patch=patch, essence=storage.build(body=body))
+    assert not patch and storage.fetch(body=body) is None

@@ -188,7 +188,7 @@ def test_preempted_pods_are_not_a_failed_attempt() -> None:
 def test_prepared_data_starts_training() -> None:
     _, b = run(body(), Observed())
     plan, b = run(b, *PREPARED)
-    assert created(plan) == ["demo-train", "demo-train-1"]
+    assert created(plan) == ["demo-train-1", "demo-train"]  # the Job first: it is what the run waits for
     assert b["status"]["phase"] == "Training"
     assert b["status"]["dataStats"] == STATS
     assert b["status"]["attempts"] == 1

@@ -2,19 +2,25 @@
 
 A run's children are read from the informer's watch-fed copies, never listed per run. Every
 write tolerates the race it can lose: a create that conflicts is done, a delete of something
-gone is done. Objects travel as plain dicts, as the pure core expects them.
+gone is done. Objects travel as plain dicts, as the pure core expects them. Kubernetes Events
+leave the tick: a few threads of their own post them (`EventPoster`), so a reconcile worker
+spends its API round trips on the children and the status, and a burst of runs' Events waits
+behind those writes instead of ahead of them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import queue
+import threading
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from .. import metrics
 from ..api import GROUP, KIND, PLURAL, VERSION
 from ..reconcile import ChildRef, PlannedEvent
 from .informer import ChildStore
@@ -27,13 +33,48 @@ CREATORS = {  # kind -> (api class, create method)
 }
 
 
+class EventPoster:
+    """Posts Kubernetes Events from `threads` daemon threads of its own, taken in the order they
+    were handed over. At most `backlog` wait; more are dropped and counted (an Event is a
+    courtesy, status.events is the record), and those still waiting when the operator leaves
+    are let go."""
+
+    def __init__(self, threads: int = 4, backlog: int = 10_000):
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(backlog)
+        for index in range(threads):
+            threading.Thread(target=self._serve, daemon=True, name=f"events-{index}").start()
+
+    def submit(self, post: Callable[[], None]) -> bool:
+        """Queue `post`; False when the backlog is full and it was dropped."""
+        try:
+            self._queue.put_nowait(post)
+        except queue.Full:
+            metrics.EVENTS_DROPPED.inc()
+            return False
+        return True
+
+    def join(self) -> None:
+        """Wait until every queued Event was posted (or failed to be)."""
+        self._queue.join()
+
+    def _serve(self) -> None:
+        while True:
+            post = self._queue.get()
+            try:
+                post()
+            finally:
+                self._queue.task_done()
+
+
 class Cluster:
-    def __init__(self, store: ChildStore, api_client: client.ApiClient | None = None):
+    def __init__(self, store: ChildStore, api_client: client.ApiClient | None = None,
+                 events: EventPoster | None = None):
         self.store = store
         self.api_client = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
+        self.events = events or EventPoster()
         self._written: dict[str, dict[str, Any]] = {}  # uid -> the run as our last patch left it
 
     def children(self, namespace: str, run: str) -> dict[str, list[dict[str, Any]]]:
@@ -85,7 +126,11 @@ class Cluster:
                 raise
 
     def post_event(self, run: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
-        """Mirror a typed run event as a Kubernetes Event on the TrainingRun."""
+        """Mirror a typed run event as a Kubernetes Event on the TrainingRun, soon (queued)."""
+        if event.mirrored:
+            self.events.submit(lambda: self._post_event(run, event, now))
+
+    def _post_event(self, run: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
         meta = run["metadata"]
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
@@ -103,8 +148,9 @@ class Cluster:
         )
         try:
             discard(self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
-        except ApiException as error:  # an Event is a courtesy: never fail a reconcile for it
-            log.warning("could not post event %s: %s", event.type.value, error.reason)
+        except Exception as error:  # noqa: BLE001 - an Event is a courtesy: log it, go on
+            log.warning("could not post event %s: %s", event.type.value,
+                        getattr(error, "reason", None) or error)
 
 
 def discard(response) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -63,23 +64,27 @@ class Wakeups:
         self._poked_at.pop((namespace, name), None)
 
 
-async def sleep_until_woken(wake: asyncio.Event, timeout: float) -> None:
+async def sleep_until_woken(wake: asyncio.Event, timeout: float) -> bool:
+    """False when the time ran out first."""
     try:
         await asyncio.wait_for(wake.wait(), timeout)
     except asyncio.TimeoutError:
-        pass
+        return False
+    return True
 
 
 def tick(cluster: Cluster, run: dict[str, Any], settings: OperatorSettings,
-         progress: ProgressReader, poked_at: float | None = None) -> float | None:
-    """One reconcile; the seconds until the run wants looking at again (None: no wish)."""
+         progress: ProgressReader, poked_at: float | None = None,
+         side: Executor | None = None) -> float | None:
+    """One reconcile; the seconds until the run wants looking at again (None: no wish).
+    `side`: the threads its status patch goes out on (`tick.apply`)."""
     meta = run["metadata"]
     started = time.monotonic()
     if poked_at is not None:  # a change's wait for its reconcile: the event loop, then a free thread
         metrics.RECONCILE_WAIT_SECONDS.observe(started - poked_at)
     try:
         children = cluster.children(meta["namespace"], meta["name"])
-        plan = reconcile(cluster, run, children, settings, progress, datetime.now(timezone.utc))
+        plan = reconcile(cluster, run, children, settings, progress, datetime.now(timezone.utc), side)
     finally:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     phase = plan.status.get("phase") or (run.get("status") or {}).get("phase") or "Pending"
@@ -90,8 +95,11 @@ def tick(cluster: Cluster, run: dict[str, Any], settings: OperatorSettings,
 
 def register(settings: OperatorSettings, resync: float) -> None:
     """Install the handlers into kopf's default registry. `memo` holds `cluster` (a Cluster),
-    `wakeups` (Wakeups), `progress` (ProgressReader), `executor` (the threads ticks run in) and
-    `synced` (an asyncio.Event: the informer has listed every kind once)."""
+    `wakeups` (Wakeups), `progress` (ProgressReader), `synced` (an asyncio.Event: the informer
+    has listed every kind once) and three thread pools, `executor` (the ticks of a change),
+    `resyncs` (the ticks of a run's timer) and `side` (status patches, beside a tick's other
+    writes). A change never queues behind the timers: at 200 quiet runs a resync falls due
+    every few milliseconds."""
 
     @kopf.daemon(GROUP, VERSION, PLURAL, initial_delay=0.0, cancellation_timeout=1.0)
     async def reconcile_run(namespace: str, name: str, uid: str, body: kopf.Body,
@@ -100,20 +108,22 @@ def register(settings: OperatorSettings, resync: float) -> None:
         try:
             await memo.synced.wait()  # the children's copies are complete
             loop = asyncio.get_running_loop()
+            woken = True  # the first tick is news too
             while True:
                 wake.clear()  # before reading: a change from now on wakes the next tick
                 poked_at = memo.wakeups.take(namespace, name)
                 run = memo.cluster.newest(dict(body))
                 if run["metadata"].get("deletionTimestamp"):
                     return  # the garbage collector takes the children
+                pool = memo.executor if woken else memo.resyncs
                 try:
-                    wanted = await loop.run_in_executor(memo.executor, tick, memo.cluster, run,
-                                                        settings, memo.progress, poked_at)
+                    wanted = await loop.run_in_executor(pool, tick, memo.cluster, run, settings,
+                                                        memo.progress, poked_at, memo.side)
                 except Exception as error:  # counted and logged; tried again soon
                     metrics.RECONCILE_ERRORS.labels(type(error).__name__).inc()
                     log.warning("reconcile %s/%s failed: %s", namespace, name, error)
                     wanted = ERROR_BACKOFF
-                await sleep_until_woken(wake, min(resync, wanted) if wanted else resync)
+                woken = await sleep_until_woken(wake, min(resync, wanted) if wanted else resync)
         finally:
             # The loop stops with its object (deleted, or the operator leaving).
             memo.wakeups.forget(namespace, name)

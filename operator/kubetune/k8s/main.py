@@ -21,7 +21,7 @@ from ..health import Health
 from ..settings import OperatorSettings
 from ..tick import ProgressReader
 from . import handlers
-from .cluster import Cluster
+from .cluster import Cluster, EventPoster
 from .informer import ChildInformer
 
 log = logging.getLogger("kubetune.operator")
@@ -33,8 +33,9 @@ class RuntimeOptions:
 
     namespaces: tuple[str, ...] = ()  # empty: cluster-wide
     interval: float = 60.0  # resync: a run is reconciled at least this often without a change
-    # Threads that reconcile. Each tick's API writes block one for the API server's latency
-    # (0.5 s on a busy server): 16 capped a burst of 200 new runs at ~6 first ticks a second.
+    # Threads that reconcile a change. Each tick's API writes block one for the API server's
+    # latency (0.5 s on a busy server): 16 capped a burst of 200 new runs at ~6 first ticks a
+    # second. As many again patch statuses beside them; a quarter as many run the timers' ticks.
     workers: int = 32
     metrics_port: int = 8080
     metrics_addr: str = "0.0.0.0"
@@ -94,11 +95,21 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
                                private_key_path=config.key_file, trust_env=settings.networking.trust_env)
 
 
+class UnkeptDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base, never written. It is the spec kopf last handled, for on.create and
+    on.update handlers to diff against; this operator has none (a loop reconciles each run), so
+    writing it would cost every new run one more PATCH, and the watch event that PATCH brings one
+    more reconcile."""
+
+    def store(self, **_: Any) -> None:
+        pass
+
+
 def configure_kopf(settings: kopf.OperatorSettings, *, namespaced: bool = False, **_: Any) -> None:
     # Keep kopf's bookkeeping out of .status (which is ours and schema-checked) and sessions
     # short so an API-server restart is noticed within seconds.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.kubetune.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.kubetune.dev")
+    settings.persistence.diffbase_storage = UnkeptDiffBase(prefix="kopf.kubetune.dev")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
@@ -167,7 +178,9 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
     kopf.on.login(id="kubetune-login")(login)
     kopf.on.startup(id="kubetune-health")(lambda **_: health.started())
     handlers.register(settings, options.interval)
-    api_client = client_with_pool(options.workers)
+    pools = {"executor": options.workers, "side": options.workers, "resyncs": max(4, options.workers // 4)}
+    events = EventPoster()
+    api_client = client_with_pool(sum(pools.values()) + events.threads)
     wakeups = handlers.Wakeups()
     informer = ChildInformer(api_client, options.namespaces, wakeups.poke_from_thread)
     synced = asyncio.Event()
@@ -178,9 +191,10 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
         informer.start()
         wakeups.loop.create_task(wait_synced(informer, synced))
 
-    memo = kopf.Memo(cluster=Cluster(informer.store, api_client), wakeups=wakeups, synced=synced,
+    memo = kopf.Memo(cluster=Cluster(informer.store, api_client, events), wakeups=wakeups, synced=synced,
                      progress=ProgressReader(settings.progress_interval_seconds),
-                     executor=concurrent.futures.ThreadPoolExecutor(options.workers, "reconcile"))
+                     **{name: concurrent.futures.ThreadPoolExecutor(threads, name)
+                        for name, threads in pools.items()})
     log.info("kubetune operator: watching %s", ", ".join(options.namespaces) or "all namespaces")
 
     async def beat() -> None:  # /healthz fails when the event loop stops turning

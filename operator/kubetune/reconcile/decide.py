@@ -311,10 +311,11 @@ def _train(world: _World, draft: _Draft) -> bool:
         attempt, job, retried = next_attempt, None, True
     if job is not None or retried or not draft.suspended:  # an attempt counts once it exists
         draft.status["attempts"] = attempt
-    if not world.observed.service:
+    done = _run_job(world, draft, job, lambda: build_train_job(world.context(attempt)),
+                    Phase.TRAINING, "TrainingFailed")
+    if not world.observed.service:  # after the Job: the ranks look their names up once they run
         draft.add(build_service(world.context(attempt)))
-    if not _run_job(world, draft, job, lambda: build_train_job(world.context(attempt)),
-                    Phase.TRAINING, "TrainingFailed"):
+    if not done:
         # A Job created just now has not run: the report read this tick is its predecessor's.
         _record_progress(world, draft, this_attempt=job is not None)
         return False

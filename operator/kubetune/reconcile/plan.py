@@ -11,6 +11,11 @@ from typing import Any
 from ..api import EventType
 
 WARNING_EVENTS = frozenset({EventType.FAILED, EventType.RETRYING, EventType.CHECKPOINT_FALLBACK})
+# Typed events whose Kubernetes Event would only repeat a sibling's, fired by the same status
+# change: a spec is found valid by the first tick, the one that says Created, and Completed's
+# message names the registered model and version. Each mirror is an API write; status.events
+# keeps them all.
+UNMIRRORED_EVENTS = frozenset({EventType.VALIDATED, EventType.REGISTERED})
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class PlannedEvent:
     def k8s_type(self) -> str:
         """The Kubernetes Event type of its mirror."""
         return "Warning" if self.type in WARNING_EVENTS else "Normal"
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether it goes out as a Kubernetes Event too."""
+        return self.type not in UNMIRRORED_EVENTS
 
 
 @dataclass(frozen=True)
