@@ -16,12 +16,11 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from kubetune.rbac import build_rbac
 
 from . import binaries, images
 from .controlplane import CONTROLLERS, NODE_CONTROLLERS, ControlPlane
@@ -115,44 +114,39 @@ class KubeletCluster:
 
 # -- make cluster / make cluster-down -----------------------------------------------------------
 
-OPERATOR_NAMESPACE = "kubetune-system"
-CRD = binaries.HERE.parents[1] / "crds" / "trainingruns.kubetune.dev.yaml"
+OPERATOR_NAMESPACE, RELEASE = "kubetune-system", "kubetune"
+CHART = binaries.HERE.parents[1] / "charts" / "kubetune"
 
 
-def operator_objects(image: str, trainer_image: str) -> list[dict]:
-    """The operator as a pod of its image, with plain manifests (until the Helm chart serves):
-    its least-privilege RBAC from kubetune.rbac, Pod Security restricted."""
-    env = {"KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
-           "KUBETUNE_STORAGE_CLAIM_NAME": "kubetune-storage"}
-    container = {
-        "name": "operator", "image": image, "imagePullPolicy": "Never",
-        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                *({"name": k, "value": v} for k, v in env.items())],
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-    }
-    labels = {"app.kubernetes.io/name": "kubetune-operator"}
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "kubetune-operator", "namespace": OPERATOR_NAMESPACE, "labels": labels},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": {
-                     "serviceAccountName": "kubetune-operator", "containers": [container],
-                     "volumes": [{"name": "tmp", "emptyDir": {}}]}}}}
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE, "labels": {
-        "pod-security.kubernetes.io/enforce": "restricted"}}}
-    return [namespace, *build_rbac(OPERATOR_NAMESPACE, name="kubetune-operator"), deployment]
+def operator_values(image: str, trainer_image: str) -> dict:
+    """The chart's values for this cluster: the images built here (never pulled), and GPU runs
+    trained on CPU (the nodes' `nvidia.com/gpu` is a stand-in)."""
+    repository, tag = image.rsplit(":", 1)
+    return {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+            "defaults": {"trainerImage": trainer_image, "trainerPullPolicy": "Never"},
+            "extraEnv": [{"name": "KUBETUNE_CPU_FALLBACK", "value": "true"}]}
 
 
-def deploy_operator(cluster: KubeletCluster, timeout: int = 120) -> None:
-    kubectl = cluster.nodes._kubectl
-    kubectl("apply", "--server-side", "-f", str(CRD))
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": operator_objects(
-        cluster.images["operator"], cluster.images["trainer"])}))
-    kubectl("rollout", "status", "-n", OPERATOR_NAMESPACE, "deployment/kubetune-operator",
-            f"--timeout={timeout}s", timeout=timeout + 10)
+def operator_namespace() -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": OPERATOR_NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+
+
+def install_operator(cluster: KubeletCluster, values: dict, timeout: int = 180) -> None:
+    """`helm install --wait` of the chart (its CRD unless there, RBAC, Deployment) into the
+    operator's namespace, where Pod Security `restricted` is enforced."""
+    cluster.nodes._kubectl("apply", "-f", "-", input=json.dumps(operator_namespace()))
+    path = cluster.workdir / "operator-values.json"   # JSON is YAML
+    path.write_text(json.dumps(values))
+    proc = subprocess.run([str(binaries.helm_path()), f"--kubeconfig={cluster.kubeconfig}", "-n", OPERATOR_NAMESPACE,
+                           "install", RELEASE, str(CHART), "-f", str(path), "--wait", f"--timeout={timeout}s"],
+                          capture_output=True, text=True, timeout=timeout + 30)
+    if proc.returncode != 0:
+        raise NodeError(f"helm install of the operator failed: {(proc.stderr or proc.stdout).strip()}")
+
+
+def deploy_operator(cluster: KubeletCluster) -> None:
+    install_operator(cluster, operator_values(cluster.images["operator"], cluster.images["trainer"]))
 
 
 def state_dir() -> Path:

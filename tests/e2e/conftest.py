@@ -26,11 +26,18 @@ import yaml
 from kubetune.rbac import build_rbac
 from tests.support.ports import free_port
 
-from tests.cluster.kubelet_cluster import STORAGE_CLASS
+from tests.cluster.kubelet_cluster import (
+    OPERATOR_NAMESPACE,
+    RELEASE,
+    STORAGE_CLASS,
+    install_operator,
+    operator_namespace,
+)
+from tests.cluster.node import NodeError
 from tests.support.mlflow_server import running_mlflow_server
 
 from .faults import Faults
-from .operator_pods import ChartOperator, OperatorPods, install_chart
+from .operator_pods import ChartOperator, OperatorPods
 from .site import (
     E2E_INTERVALS,
     REPO,
@@ -45,10 +52,7 @@ from .site import (
 )
 
 CRD = REPO / "crds" / "trainingruns.kubetune.dev.yaml"
-OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
-CHART = REPO / "charts" / "kubetune"
-RELEASE = "kubetune"   # the chart names its objects `kubetune` (its fullname) in this release
 
 def pytest_configure(config):
     for plugin in ("tests.cluster.fixtures", "tests.support.mlflow_server"):
@@ -68,11 +72,6 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 def apply(kubectl, objects) -> None:
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(objects)))
-
-
-def operator_namespace() -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE, "labels": {
-        "pod-security.kubernetes.io/enforce": "restricted"}}}
 
 
 @pytest.fixture(scope="session")
@@ -213,10 +212,10 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(crd, site, cluster, kubectl, helm, request, tmp_path_factory, wait_for):
+def operator(crd, site, cluster, kubectl, request, tmp_path_factory, wait_for):
     folder = tmp_path_factory.mktemp("operator")
     if cluster.kubelets:
-        running = chart_operator(cluster, kubectl, helm, site, folder)
+        running = chart_operator(cluster, kubectl, site, folder)
     else:
         port = free_port()
         kubeconfig = request.getfixturevalue("operator_kubeconfig")
@@ -233,18 +232,17 @@ def operator(crd, site, cluster, kubectl, helm, request, tmp_path_factory, wait_
             running.close()
 
 
-def chart_operator(cluster, kubectl, helm, site: Site, folder: Path) -> ChartOperator:
-    """`helm install` of the chart into the operator's namespace (Pod Security `restricted`), the
-    operator image built here; cluster-wide, as the tests' namespaces come and go."""
-    apply(kubectl, [operator_namespace()])
+def chart_operator(cluster, kubectl, site: Site, folder: Path) -> ChartOperator:
+    """`helm install` of the chart with the operator image built here, cluster-wide (the tests'
+    namespaces come and go), pointed at the site."""
     # No aggregation into `edit`/`view`: the Helm test checks that its own release's go with it.
     values = {**chart_values(site, cluster.kubelets.images["operator"]), "userRoles": {"aggregate": False}}
     try:
-        install_chart(helm, cluster.kubeconfig, CHART, RELEASE, OPERATOR_NAMESPACE, values, folder)
-    except RuntimeError as e:
+        install_operator(cluster.kubelets, values)
+    except NodeError as e:
         pods = kubectl("get", "pods,events", "-n", OPERATOR_NAMESPACE, "-o", "wide", check=False).stdout
         pytest.fail(f"{e}\n{pods}", pytrace=False)
-    return ChartOperator(cluster, kubectl, OPERATOR_NAMESPACE, RELEASE,
+    return ChartOperator(cluster, kubectl, OPERATOR_NAMESPACE, RELEASE,  # its Deployment: the release name
                          f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator",
                          folder / "operator.log")
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
@@ -187,15 +185,3 @@ class StandbyPod(OperatorPods):
 
     def alive(self) -> bool:
         return True
-
-
-def install_chart(helm: Path, kubeconfig: Path, chart: Path, release: str, namespace: str,
-                  values: dict, folder: Path, timeout: int = 240) -> None:
-    """`helm install --wait`; a failure raises with helm's own words."""
-    path = folder / "values.yaml"
-    path.write_text(yaml.safe_dump(values))
-    argv = [str(helm), f"--kubeconfig={kubeconfig}", "-n", namespace, "install", release, str(chart),
-            "-f", str(path), "--wait", f"--timeout={timeout}s"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"helm install {release} failed:\n{proc.stdout}{proc.stderr}")
