@@ -5,8 +5,9 @@
 - chat: the model's chat template renders the conversation; loss on the assistant turns. The
   turns' character spans come from rendering prefixes of the conversation (the text added by
   turn i is render(messages[:i+1]) minus render(messages[:i], generation prompt)), so no
-  `{% generation %}` markers are needed; templates that render prefixes inconsistently fall
-  back to locating the contents in order. The tokens holding a span's first and last
+  `{% generation %}` markers are needed; for templates that write messages in order, all
+  prefixes come from one render (`one_render`); templates that render prefixes inconsistently
+  fall back to locating the contents in order. The tokens holding a span's first and last
   characters bound the learned tokens.
 - text: BOS + text + EOS, loss everywhere.
 
@@ -24,10 +25,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .light_tokenizer import LightTokenizer
+from .one_render import Span, render_noting_starts, spans_from_starts, walks_in_order
 from .packing import Sample
 from .rules import Conversation, Example, PromptResponse, Text
 
-Span = tuple[int, int]  # [start, end) in characters of the rendered text
 Render = Callable[[Sequence[dict], bool], str]
 
 
@@ -106,12 +107,37 @@ def encode_texts(tokenizer: Any, examples: Sequence[Text]) -> Encoded:
 
 # --- chat --------------------------------------------------------------------------------------
 
-def chat_renderer(tokenizer: Any) -> Render:
-    """render(messages, generation_prompt) with the model's chat template.
+class ChatRenderer:
+    """The model's chat template: `render(messages, generation_prompt)`, and `rendered`, a
+    conversation's text with its assistant spans, from one render where the template allows
+    (see `one_render`), else from a render per prefix."""
+
+    def __init__(self, render: Render, one_pass: Callable[[Sequence[dict]], tuple[str, list[int]]] | None = None,
+                 prompt: str = ""):
+        self.render = render
+        self.one_pass = one_pass  # the full text and each message's start in it
+        self.prompt = prompt  # the generation prompt's text, for one_pass
+
+    def __call__(self, messages: Sequence[dict], generation_prompt: bool = False) -> str:
+        return self.render(messages, generation_prompt)
+
+    def rendered(self, messages: Sequence[dict]) -> tuple[str, list[Span]]:
+        if self.one_pass is None:
+            full = self.render(messages, False)
+        else:
+            full, starts = self.one_pass(messages)
+            spans = spans_from_starts(messages, full, starts, self.prompt)
+            if spans is not None:
+                return full, spans
+        return full, assistant_spans(self.render, messages, full)
+
+
+def chat_renderer(tokenizer: Any) -> ChatRenderer:
+    """The model's chat template, as a `ChatRenderer`.
 
     The compiled template is called directly: `apply_chat_template` costs several times the
-    render itself per call, and a conversation is rendered once per assistant turn and once
-    whole. It falls back to `apply_chat_template` where that shortcut renders differently.
+    render itself per call. It falls back to `apply_chat_template` where that shortcut renders
+    differently, and to a render per prefix where one render would give other spans.
     """
 
     def slow(messages: Sequence[dict], generation_prompt: bool) -> str:
@@ -122,7 +148,7 @@ def chat_renderer(tokenizer: Any) -> Render:
         template = compiled_template(tokenizer)
         variables = dict(tokenizer.special_tokens_map)
     except Exception:  # no template, or a transformers without this helper: the public path
-        return guarded(slow)
+        return ChatRenderer(guarded(slow))
 
     def fast(messages: Sequence[dict], generation_prompt: bool) -> str:
         return template.render(messages=list(messages), tools=None, documents=None,
@@ -133,7 +159,59 @@ def chat_renderer(tokenizer: Any) -> Render:
         same = all(fast(probe[:n], n < 2) == slow(probe[:n], n < 2) for n in (1, 2))
     except Exception:
         same = False
-    return guarded(fast if same else slow)
+    if not same:
+        return ChatRenderer(guarded(slow))
+    renderer = ChatRenderer(guarded(fast))
+    try:
+        in_order = walks_in_order(tokenizer.get_chat_template(), template.environment)
+    except Exception:  # a template jinja parses only at render time: no shortcut
+        in_order = False
+    if in_order:
+        once = guarded(lambda messages, _: render_noting_starts(template, variables, messages))
+        prompt = generation_prompt(renderer)
+        candidate = ChatRenderer(renderer.render, once, prompt or "")
+        if prompt is not None and same_spans(candidate, renderer):
+            return candidate
+    return renderer
+
+
+PROBES = [  # conversations on which one render must give what a render per prefix gives
+    [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}],
+    [{"role": "system", "content": " s\n"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": "\nu2 "}, {"role": "assistant", "content": " a2\n"}],
+    [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"},
+     {"role": "user", "content": "four"}, {"role": "assistant", "content": "five six"},
+     {"role": "user", "content": "seven"}, {"role": "assistant", "content": "eight nine ten"}],
+]
+
+
+def generation_prompt(renderer: ChatRenderer) -> str | None:
+    """What the generation prompt adds after a conversation, or None if it is not appended."""
+    try:
+        plain, prompted = renderer(PROBES[0][:1], False), renderer(PROBES[0][:1], True)
+    except TemplateRefused:
+        return None
+    return prompted[len(plain):] if prompted.startswith(plain) else None
+
+
+def same_spans(candidate: ChatRenderer, reference: ChatRenderer) -> bool:
+    """One render gives the text and spans a render per prefix gives, on every probe the
+    template accepts (one refusing system messages skips that probe), and on at least two."""
+    checked = 0
+    for messages in PROBES:
+        try:
+            full = reference(messages, False)
+        except TemplateRefused:
+            continue
+        spans = prefix_spans(reference.render, messages, full)
+        try:
+            full_once, starts = candidate.one_pass(messages)
+        except TemplateRefused:
+            return False
+        if spans is None or full_once != full or spans_from_starts(messages, full, starts, candidate.prompt) != spans:
+            return False
+        checked += 1
+    return checked >= 2
 
 
 def compiled_template(tokenizer: Any) -> Any:
@@ -199,11 +277,6 @@ def content_spans(messages: Sequence[dict], full: str) -> list[Span]:
     return spans
 
 
-def rendered(render: Render, example: Conversation) -> tuple[str, list[Span]]:
-    full = render(example.messages, False)
-    return full, assistant_spans(render, example.messages, full)
-
-
 def span_mask(encoding: Any, spans: Sequence[Span]) -> np.ndarray:
     """Learned tokens: every token that holds a character of a span."""
     mask = np.zeros(len(encoding.ids), dtype=bool)
@@ -218,12 +291,12 @@ def span_mask(encoding: Any, spans: Sequence[Span]) -> np.ndarray:
 
 
 def encode_conversations(tokenizer: Any, examples: Sequence[Conversation],
-                         render: Render | None = None) -> Encoded:
+                         render: ChatRenderer | None = None) -> Encoded:
     render = render or chat_renderer(tokenizer)
     texts, span_lists, refusals = [], [], {}
     for number, example in enumerate(examples):
         try:
-            full, spans = rendered(render, example)
+            full, spans = render.rendered(example.messages)
         except TemplateRefused as refused:
             full, spans = "", []
             refusals[number] = str(refused)
@@ -239,7 +312,7 @@ def encode_conversations(tokenizer: Any, examples: Sequence[Conversation],
     return Encoded(ids, mask, lengths, refusals)
 
 
-def encode_batch(tokenizer: Any, examples: Sequence[Example], render: Render | None = None) -> Encoded:
+def encode_batch(tokenizer: Any, examples: Sequence[Example], render: ChatRenderer | None = None) -> Encoded:
     """All examples of a batch are of one task type (one run has one)."""
     if not examples:
         return Encoded(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), {})
