@@ -19,8 +19,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from tests.cluster.node import NodeError
+
 CONTAINER = "operator"   # the chart's container name
-METRICS_PORT = 8080      # the chart's default; every pod has an address of its own
 GONE_TIMEOUT = 90
 
 
@@ -29,7 +30,6 @@ class OperatorPods:
 
     def __init__(self, cluster, namespace: str, selector: str, log: Path):
         self.cluster, self.namespace, self.selector, self._log = cluster, namespace, selector, log
-        self.metrics_port = METRICS_PORT
         self.api = cluster.api_client()
         self.core = client.CoreV1Api(self.api)
         self._copied: dict[str, int] = {}   # container id → bytes of its log already in the file
@@ -46,11 +46,12 @@ class OperatorPods:
 
     @property
     def metrics_address(self) -> str:
-        """host:port of the running pod's metrics (this machine routes pod IPs)."""
+        """host:port of the running pod's metrics port (this machine routes pod IPs)."""
         pods = self.running_pods()
         if not pods:
             raise LookupError(f"no running operator pod ({self.selector})")
-        return f"{pods[0].status.pod_ip}:{self.metrics_port}"
+        port = next(p.container_port for c in pods[0].spec.containers for p in c.ports or [] if p.name == "metrics")
+        return f"{pods[0].status.pod_ip}:{port}"
 
     # -- the log --------------------------------------------------------------------------------
     @property
@@ -101,8 +102,11 @@ class OperatorPods:
         held until it expires."""
         self.sync()
         for pod in self.running_pods():
-            self.cluster.kubelets.nodes.kill_main_process(self.namespace, pod.metadata.name, CONTAINER,
-                                                          signal.SIGKILL)
+            try:
+                self.cluster.kubelets.nodes.kill_main_process(self.namespace, pod.metadata.name, CONTAINER,
+                                                              signal.SIGKILL)
+            except NodeError:
+                pass   # between two runs of a crashing container: nothing to kill
 
     def wait_gone(self, timeout: float = GONE_TIMEOUT) -> None:
         """Until no pod is left, copying their logs meanwhile (they go with the pods)."""
