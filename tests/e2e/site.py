@@ -227,14 +227,21 @@ def tool_job(site: Site, namespace: str, name: str, args: list[str],
         "command": [*site.python, f"{SEED_MOUNT}/seed.py", *args],
         "env": [{"name": "HOME", "value": SCRATCH}, {"name": "TMPDIR", "value": SCRATCH}],
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                            "runAsUser": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    pod = {"restartPolicy": "Never", "automountServiceAccountToken": False,
+    pod = {"automountServiceAccountToken": False, "containers": [container], "volumes": volumes}
+    return restricted_job(namespace, name, pod)
+
+
+def restricted_job(namespace: str, name: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """A one-pod Job, run once, its pod and containers meeting Pod Security `restricted` as the
+    trainer image's user."""
+    containers = [{**c, "securityContext": {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}}
+        for c in pod["containers"]]
+    pod = {**pod, "restartPolicy": "Never", "containers": containers,
            "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
-                               "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
-           "containers": [container], "volumes": volumes}
+                               "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": name, "namespace": namespace, "labels": {"kubetune.dev/e2e-tool": name}},
             "spec": {"backoffLimit": 0, "template": {"spec": pod}}}

@@ -2,7 +2,8 @@
 never as an ApiException: a ServiceAccount that lacks rights, credentials the server rejects, a
 resource group the server does not serve, a run that does not exist, a name taken twice. The CLI
 leaves each with its documented exit code. Also: in a pod without a kubeconfig, the SDK talks with
-its ServiceAccount in its namespace. (No operator runs: none of this needs one.)"""
+its ServiceAccount in its namespace, here and, on real nodes, in a pod of the trainer image. (No
+operator runs: none of this needs one.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import yaml
 
 from kubetune import foundation_model as fm
 from kubetune.foundation_model import client
+
+from .site import restricted_job, run_tool
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -127,6 +130,44 @@ def test_a_name_taken_twice_is_invalid_arguments_and_the_first_run_is_untouched(
         fm.cancel()
 
 
+def pipeline_reads_runs(kubectl, namespace: str) -> None:
+    """ServiceAccount `pipeline`, allowed to read the namespace's runs and nothing else."""
+    kubectl("create", "serviceaccount", "pipeline", "-n", namespace)
+    kubectl("create", "role", "runs-reader", "--verb=get,list,watch", "--resource=trainingruns.kubetune.dev",
+            "-n", namespace)
+    kubectl("create", "rolebinding", "pipeline-reads-runs", "--role=runs-reader", "--serviceaccount",
+            f"{namespace}:pipeline", "-n", namespace)
+
+
+IN_A_POD = """
+from kubetune import foundation_model as fm
+print("listed:", ",".join(run.name for run in fm.list()))
+try:
+    fm.cancel("seen-from-a-pod")
+except fm.PermissionDeniedError as error:
+    print("refused:", error)
+"""
+
+
+def test_in_a_real_pod_the_sdk_uses_the_token_the_kubelet_mounted(crd, cluster, kubectl, namespace, site, wait_for):
+    """The test below, in a pod of the trainer image: the kubelet's projected token, namespace file
+    and CA, and the `kubernetes` Service's address (through kube-proxy) are all the SDK needs."""
+    if cluster.agent:
+        pytest.skip("the node agent's pods are processes of this machine: the test below stands in")
+    pipeline_reads_runs(kubectl, namespace)
+    kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "seen-from-a-pod"},
+        "spec": {"model": SPEC["model"], "trainDataPath": SPEC["train_data_path"], "registerTo": "main.ml"}}))
+    container = {"name": "sdk", "image": site.trainer_image, "imagePullPolicy": site.pull_policy,
+                 "command": [*site.python, "-c", IN_A_POD], "env": [{"name": "HOME", "value": "/tmp"}],
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+    job = restricted_job(namespace, "sdk-in-a-pod", {
+        "serviceAccountName": "pipeline", "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]})
+    out = run_tool(kubectl, wait_for, job)
+    assert "listed: seen-from-a-pod\n" in out, out  # its namespace, its rights
+    assert "refused: " in out and f"serviceaccount:{namespace}:pipeline" in out, out
+
+
 def test_in_a_pod_without_kubeconfig_the_service_account_and_its_namespace_are_used(
         crd, cluster, kubectl, namespace, tmp_path, monkeypatch):
     """The pod's view, as the kubelet mounts it: token, CA and namespace in the ServiceAccount folder
@@ -136,11 +177,7 @@ def test_in_a_pod_without_kubeconfig_the_service_account_and_its_namespace_are_u
     server = next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"]
     account = tmp_path / "serviceaccount"
     account.mkdir()
-    kubectl("create", "serviceaccount", "pipeline", "-n", namespace)
-    kubectl("create", "role", "runs-reader", "--verb=get,list,watch", "--resource=trainingruns.kubetune.dev",
-            "-n", namespace)
-    kubectl("create", "rolebinding", "pipeline-reads-runs", "--role=runs-reader", "--serviceaccount",
-            f"{namespace}:pipeline", "-n", namespace)
+    pipeline_reads_runs(kubectl, namespace)
     (account / "token").write_text(kubectl("create", "token", "pipeline", "-n", namespace).stdout.strip())
     (account / "namespace").write_text(namespace)
     if server.get("certificate-authority-data"):
