@@ -9,13 +9,20 @@ tokens/s over the ceiling's (goals: >= 0.8 for IFT and CPT, >= 0.5 for chat); th
 before and after prepare and the faster of the two counts.
 
     .venv/bin/python bench/data_prep.py [--rows 50000] [--tasks ift,chat,cpt]
+
+`--profile` instead runs `prepare` alone under cProfile (in the parent process; `--processes 1`
+keeps all the work in it) and prints the wall-clock time of each phase and the functions that
+took the most time, to see where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -51,7 +58,7 @@ def ceiling(task: str, data: Path, model: Path) -> dict:
     return {"tokens": sum(len(item.ids) for item in encoded), "seconds": seconds}
 
 
-def prepare(task: str, data: Path, model: Path, work: Path) -> dict:
+def prepare(task: str, data: Path, model: Path, work: Path, processes: int | None = None) -> dict:
     from kubetune_trainer.config import RunConfig
     from kubetune_trainer.data import run_prepare
 
@@ -59,8 +66,31 @@ def prepare(task: str, data: Path, model: Path, work: Path) -> dict:
                        train_data_path=str(data), work_dir=str(work), context_length=CONTEXT,
                        experiment_path="/bench", register_to="main.bench.data")
     start = time.perf_counter()
-    stats = run_prepare(config)["dataStats"]
+    stats = run_prepare(config, processes=processes)["dataStats"]
     return {"seconds": time.perf_counter() - start, "stats": stats}
+
+
+# The phases of `run_prepare`, by the function that runs each (cumulative wall-clock time).
+PHASES = {"setup": "setup", "encoder": "load", "read, validate, tokenize": "read_part", "merge, pack, write": "write_data"}
+
+
+def profile(task: str, data: Path, model: Path, work: Path, processes: int | None) -> dict:
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    result = prepare(task, data, model, work, processes)
+    profiler.disable()
+    total = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    cumulative = {}
+    for (file, _, name), (_, _, _, cum, _) in stats.stats.items():
+        if "kubetune_trainer" in file:
+            cumulative[name] = max(cumulative.get(name, 0.0), cum)
+    phases = {phase: round(cumulative.get(function, 0.0), 2) for phase, function in PHASES.items()}
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
+    top = [line for line in out.getvalue().splitlines() if line.strip()][-19:]
+    return {"seconds": total, "stats": result["stats"], "phases": phases, "top": top}
 
 
 def in_child(*args: str) -> dict:
@@ -74,12 +104,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--tasks", default="ift,chat,cpt")
+    parser.add_argument("--profile", action="store_true", help="prepare alone, under cProfile")
+    parser.add_argument("--processes", type=int, help="worker processes of prepare (default: one per CPU)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
         kind, task, data, model, *rest = args.child
-        result = ceiling(task, Path(data), Path(model)) if kind == "ceiling" else \
-            prepare(task, Path(data), Path(model), Path(rest[0]))
+        if kind == "ceiling":
+            result = ceiling(task, Path(data), Path(model))
+        else:
+            run = profile if kind == "profile" else prepare
+            result = run(task, Path(data), Path(model), Path(rest[0]), int(rest[1]) if rest[1:] else None)
         print(json.dumps(result))
         return
     model = qwen_model_dir()
@@ -90,10 +125,17 @@ def main() -> None:
         for task in args.tasks.split(","):
             data = Path(scratch) / (f"{task}-data" if task == "cpt" else f"{task}.jsonl")
             WRITERS[task](data, args.rows, SEED)
+            work = str(Path(scratch) / f"{task}-work")
+            processes = [str(args.processes)] if args.processes else []
+            if args.profile:
+                done = in_child("profile", task, str(data), str(model), work, *processes)
+                print(f"{task:>4}: prepare {done['seconds']:.1f}s, phases (wall) {done['phases']}")
+                print("\n".join(done["top"]))
+                continue
             # The ceiling before and after prepare, the faster one counted: on a shared machine a
             # load spike during one ceiling run would otherwise flatter the ratio.
             before = in_child("ceiling", task, str(data), str(model))
-            ours = in_child("prepare", task, str(data), str(model), str(Path(scratch) / f"{task}-work"))
+            ours = in_child("prepare", task, str(data), str(model), work, *processes)
             after = in_child("ceiling", task, str(data), str(model))
             top = min(before, after, key=lambda run: run["seconds"])
             ratios[task] = top["seconds"] / ours["seconds"]
@@ -103,7 +145,8 @@ def main() -> None:
                   f"{top['tokens'] / ours['seconds']:>10,.0f} tok/s in {ours['seconds']:.1f}s | "
                   f"{stats['samples']} samples, {stats['sequences']} rows, packing {stats['packingEfficiency']:.2%}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    print("figure: prepare / encode_batch ceiling: " + ", ".join(f"{task} {ratio:.2f}x" for task, ratio in ratios.items()))
+    if ratios:
+        print("figure: prepare / encode_batch ceiling: " + ", ".join(f"{task} {ratio:.2f}x" for task, ratio in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 
 from kubetune_trainer.config import TaskType
 from kubetune_trainer.data.records import Unreadable
-from kubetune_trainer.data.sources import hub_dataset_name, read_records
+from kubetune_trainer.data.sources import hub_dataset_name, read_records, record_chunks, relative
 from kubetune_trainer.errors import UserError
 
 from .conftest import BROKEN, EXAMPLES
@@ -150,3 +150,31 @@ def test_folders_without_data_files_say_so(tmp_path):
         listing(str(tmp_path))
     with pytest.raises(UserError, match=r"no \.txt files in this folder"):
         listing(str(tmp_path), CPT)
+
+
+def test_chunks_run_across_files_and_know_each_record_s_place(tmp_path):
+    write_jsonl(tmp_path / "d" / "a.jsonl", ROWS + [ROWS[0]])
+    write_jsonl(tmp_path / "d" / "b.jsonl", ROWS)
+    chunks = list(record_chunks(str(tmp_path / "d"), IFT, 2))
+    assert [len(chunk) for chunk in chunks] == [2, 2, 1]
+    assert [str(chunk.location(position)) for chunk in chunks for position in range(len(chunk))] == \
+        [f"{tmp_path}/d/a.jsonl:{n}" for n in (1, 2, 3)] + [f"{tmp_path}/d/b.jsonl:{n}" for n in (1, 2)]
+    assert list(chunks[1].values()) == [ROWS[0], ROWS[0]]
+
+
+def test_text_files_travel_unread_and_are_read_with_their_size_checked(tmp_path):
+    for name, text in (("a.txt", "short"), ("b.txt", "x" * 100)):
+        (tmp_path / name).write_text(text)
+    [chunk] = record_chunks(str(tmp_path), CPT, 512, limit=50)
+    assert chunk.paths == [f"{tmp_path}/a.txt", f"{tmp_path}/b.txt"]  # what goes to a worker: the paths
+    short, big = chunk.values()
+    assert short == "short" and isinstance(big, Unreadable) and "file is 100 bytes" in big.rule
+    assert str(chunk.location(1)) == f"{tmp_path}/b.txt"
+
+
+@pytest.mark.parametrize("path, root, expected", [
+    ("/data/docs/a.txt", "/data/docs", "a.txt"), ("/data/docs/x/a.txt", "/data/docs", "x/a.txt"),
+    ("/data/docsa/a.txt", "/data/docs", "../docsa/a.txt"), ("/data/docs", "/data/docs", "."),
+])
+def test_paths_under_the_root_are_cut_as_relpath_would(path, root, expected):
+    assert relative(path, root) == expected

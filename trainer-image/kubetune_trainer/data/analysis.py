@@ -5,9 +5,10 @@ sample's length (packing needs no more), so it writes nothing; `prepare` runs th
 and appends the tokens to a part on disk (see `parts`), so both report identical numbers.
 
 Memory holds a few chunks (CHUNK records each), whatever the size of the data. Chunks go to
-worker processes, one per CPU the pod may use, each with its own tokenizer; results come back
-in chunk order. A shard (one of `dataPrep.parallelism` pods) takes chunk k when k % shards is
-its number; every shard walks the record list, but reads and decodes only its own chunks.
+worker processes, one per CPU the pod may use, compact and not decoded yet (text files not even
+read: see `sources.Chunk`); results come back in chunk order. A shard (one of
+`dataPrep.parallelism` pods) takes chunk k when k % shards is its number; every shard walks the
+record list, but reads and decodes only its own chunks.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from .encoding import Render, chat_renderer, encode_batch, positions
 from .modelinfo import check_chat_template, load_tokenizer, model_max_context, resolve_context_length
 from .packing import pack_compact, packing_efficiency
 from .parts import ChunkResult, Merged, Part, PartWriter, merge
-from .records import Location, Problem, Record
+from .records import Location, Problem
 from .report import DataStats, PrepFailed, PrepReport, SplitReport
-from .rules import validate
-from .sources import decoded, loaded, raw_records
+from .rules import check
+from .sources import Chunk, record_chunks
 
 log = logging.getLogger(__name__)
 CHUNK = 512  # records per chunk: the unit of a worker's task, of a shard's share, of memory
@@ -56,23 +57,25 @@ class Encoder:
         render = chat_renderer(tokenizer) if task == TaskType.CHAT_COMPLETION else None
         return cls(task, tokenizer, context_length, render)
 
-    def process(self, index: int, records: list[Record]) -> ChunkResult:
-        examples, where, problems = [], [], []
-        for position, record in enumerate(records):
-            checked = validate(self.task, decoded(loaded(record)))
-            if isinstance(checked, Problem):
-                problems.append((position, checked))
+    def process(self, index: int, chunk: Chunk) -> ChunkResult:
+        examples, positions_kept, broken = [], [], []  # positions: records' places in the chunk
+        for position, value in enumerate(chunk.values()):
+            checked = check(self.task, value)
+            if isinstance(checked, str):
+                broken.append((position, checked))
             else:
                 examples.append(checked)
-                where.append((position, record.location))
+                positions_kept.append(position)
         encoded = encode_batch(self.tokenizer, examples, self.render)
-        problems += [(where[number][0], Problem(where[number][1], reason))
-                     for number, reason in encoded.refusals.items()]
-        problems.sort(key=lambda pair: pair[0])
-        return self.truncated(index, encoded, [location for _, location in where], [p for _, p in problems])
+        broken += [(positions_kept[number], reason) for number, reason in encoded.refusals.items()]
+        broken.sort(key=lambda pair: pair[0])
+        problems = [Problem(chunk.location(position), rule) for position, rule in broken]
+        return self.truncated(index, encoded, lambda number: chunk.location(positions_kept[number]), problems)
 
-    def truncated(self, index: int, encoded, where: list[Location], problems: list[Problem]) -> ChunkResult:
-        """Cut every sample to the context length; drop those left with nothing to learn."""
+    def truncated(self, index: int, encoded, where: Callable[[int], Location],
+                  problems: list[Problem]) -> ChunkResult:
+        """Cut every sample to the context length; drop those left with nothing to learn.
+        `where(i)`: the location of the batch's example i."""
         lengths = encoded.lengths
         kept_lengths = np.minimum(lengths, self.context_length)
         in_context = positions(lengths) < self.context_length
@@ -82,7 +85,7 @@ class Encoder:
         refused = np.zeros(len(lengths), dtype=bool)
         refused[list(encoded.refusals)] = True
         keep = learned & ~refused
-        dropped = [where[i] for i in np.flatnonzero(~learned & ~refused)]
+        dropped = [where(int(i)) for i in np.flatnonzero(~learned & ~refused)]
         tokens = np.repeat(keep, kept_lengths)
         return ChunkResult(index, encoded.ids[in_context][tokens], mask[tokens], kept_lengths[keep],
                            problems, int((lengths[keep] > self.context_length).sum()), dropped)
@@ -90,19 +93,9 @@ class Encoder:
 
 # --- chunks, workers, shards -------------------------------------------------------------------
 
-def own_chunks(records: Iterable[Record], shard: int, shards: int) -> Iterator[tuple[int, list[Record]]]:
-    """(chunk number, its records) for the chunks this shard owns; a text file is read by the
-    worker that encodes it (`Encoder.process`), so reading is spread over the workers too."""
-    batch: list[Record] = []
-    index = 0
-    for record in records:
-        batch.append(record)
-        if len(batch) == CHUNK:
-            if index % shards == shard:
-                yield index, batch
-            index, batch = index + 1, []
-    if batch and index % shards == shard:
-        yield index, batch
+def own_chunks(chunks: Iterable[Chunk], shard: int, shards: int) -> Iterator[tuple[int, Chunk]]:
+    """(chunk number, chunk) for the chunks this shard owns."""
+    return ((index, chunk) for index, chunk in enumerate(chunks) if index % shards == shard)
 
 
 def available_cpus() -> int:
@@ -128,9 +121,9 @@ def _start_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per CPU instead of Rust threads
 
 
-def _process_in_worker(index: int, records: list[Record]) -> ChunkResult:
+def _process_in_worker(index: int, chunk: Chunk) -> ChunkResult:
     assert _worker is not None
-    return _worker.process(index, records)
+    return _worker.process(index, chunk)
 
 
 def in_order(pool: Executor, function: Callable, items: Iterable[tuple], window: int) -> Iterator:
@@ -145,13 +138,13 @@ def in_order(pool: Executor, function: Callable, items: Iterable[tuple], window:
         yield pending.popleft().result()
 
 
-def chunk_results(encoder: Encoder, chunks: Iterable[tuple[int, list[Record]]],
+def chunk_results(encoder: Encoder, chunks: Iterable[tuple[int, Chunk]],
                   workers: int) -> Iterator[ChunkResult]:
     chunks = iter(chunks)
     head = list(islice(chunks, 2))
     chunks = chain(head, chunks)
     if workers <= 1 or len(head) < 2:  # a small split is done before workers would have started
-        yield from (encoder.process(index, records) for index, records in chunks)
+        yield from (encoder.process(index, chunk) for index, chunk in chunks)
         return
     global _worker
     _worker = encoder
@@ -174,10 +167,9 @@ def read_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folde
               processes: int | None = None) -> Part:
     """This shard's chunks of one split: counted, and with a folder written to a part there.
     `processes`: worker processes, by default one per available CPU."""
-    records = raw_records(uri, config.task_type, config.max_record_bytes)
     writer = PartWriter(folder, config.max_reported_errors)
-    chunks = own_chunks(records, shard.number, shard.count)
-    for result in chunk_results(encoder, chunks, processes or available_cpus()):
+    mine = own_chunks(record_chunks(uri, config.task_type, CHUNK, config.max_record_bytes), shard.number, shard.count)
+    for result in chunk_results(encoder, mine, processes or available_cpus()):
         writer.add(result)
     return writer.close()
 

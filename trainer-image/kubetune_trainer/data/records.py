@@ -19,27 +19,10 @@ class Location:
 
 @dataclass(frozen=True)
 class Record:
-    """One raw record before validation: a JSON value (IFT, chat) or a text (CPT); straight
-    from a reader it may still be `Later` or `Raw` (see `sources.read_records`)."""
+    """One record before validation: a JSON value (IFT, chat) or a text (CPT), or Unreadable."""
 
     location: Location
     value: Any
-
-
-@dataclass(frozen=True)
-class Raw:
-    """A record's bytes, not decoded yet: a JSONL line (`json`) or a whole text file."""
-
-    data: bytes
-    json: bool
-
-
-@dataclass(frozen=True)
-class Later:
-    """A text file not read yet: `sources.loaded` reads it (only the shard that owns it does)."""
-
-    tree: Any  # sources.FileTree
-    path: str
 
 
 @dataclass(frozen=True)

@@ -138,10 +138,16 @@ CHECKS = {
 }
 
 
-def validate(task: TaskType, record: Record) -> Example | Problem:
-    if isinstance(record.value, Unreadable):
-        return Problem(record.location, record.value.rule)
+def check(task: TaskType, value: Any) -> Example | str:
+    """The clean example, or the first rule the value breaks."""
+    if isinstance(value, Unreadable):
+        return value.rule
     try:
-        return CHECKS[task](record.value)
+        return CHECKS[task](value)
     except Invalid as broken:
-        return Problem(record.location, str(broken))
+        return str(broken)
+
+
+def validate(task: TaskType, record: Record) -> Example | Problem:
+    checked = check(task, record.value)
+    return Problem(record.location, checked) if isinstance(checked, str) else checked

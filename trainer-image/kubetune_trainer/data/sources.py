@@ -1,5 +1,6 @@
 """Where records come from: files and folders (local or any fsspec URI), Delta tables and
-Hugging Face datasets. Every reader yields `Record`s in a stable order with their location.
+Hugging Face datasets. Every reader yields the records in a stable order, in chunks that know
+each record's location (`record_chunks`; `read_records` for the records one by one).
 
 Detection, in order:
 1. a folder (local or fsspec) holding `_delta_log` is a Delta table;
@@ -21,13 +22,14 @@ import logging
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain, islice
 from typing import Any, Iterable, Iterator
 
 from ..config import DEFAULT_MAX_RECORD_BYTES, TaskType
 from ..errors import TransientError, UserError
 from .hub import cache_folder, offline_reason, relative_note
-from .records import Later, Location, Raw, Record, Unreadable
+from .records import Location, Record, Unreadable
 
 log = logging.getLogger(__name__)
 DELTA_LOG = "_delta_log"
@@ -46,8 +48,8 @@ class FileTree:
 
     def display(self, path: str) -> str:
         """A file's name as the user would write it: their spelling of the root + the rest."""
-        relative = posixpath.relpath(path, self.root)
-        return self.uri if relative == "." else f"{self.uri.rstrip('/')}/{relative}"
+        rest = relative(path, self.root)
+        return self.uri if rest == "." else f"{self.uri.rstrip('/')}/{rest}"
 
     def files(self, suffix: str) -> list[str]:
         """Files under the root ending in `suffix`, recursive, sorted, hidden ones skipped."""
@@ -56,25 +58,31 @@ class FileTree:
         found = self.fs.find(self.root)
         return sorted(path for path in found if path.endswith(suffix) and not hidden(path, self.root))
 
-    def size(self, path: str) -> int | None:
-        if self.local:
-            try:
-                return os.stat(path).st_size
-            except OSError:
-                pass  # a dangling or looping link: fsspec's answer, as for other filesystems
-        return self.fs.size(path)
-
-    def read(self, path: str) -> bytes:
-        if self.local:
-            with open(path, "rb") as handle:
+    def text_bytes(self, path: str, limit: int) -> Any:
+        """A text file's bytes, or Unreadable: over `limit` bytes (then not read) or not readable."""
+        try:
+            if self.local:
+                with open(path, "rb", buffering=0) as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    return too_big("file", size, limit) if size > limit else handle.readall()
+            size = self.fs.size(path)
+            if size is not None and size > limit:
+                return too_big("file", size, limit)
+            with self.fs.open(path, "rb") as handle:
                 return handle.read()
-        with self.fs.open(path, "rb") as handle:
-            return handle.read()
+        except OSError as error:
+            return unreadable(error)
+
+
+def relative(path: str, root: str) -> str:
+    """`path` relative to `root`; a plain cut for the paths a listing of the root gives."""
+    if path.startswith(root) and path[len(root):len(root) + 1] == "/" and not root.endswith("/"):
+        return path[len(root) + 1:]
+    return posixpath.relpath(path, root)
 
 
 def hidden(path: str, root: str) -> bool:
-    relative = posixpath.relpath(path, root)
-    return any(part.startswith(".") for part in relative.split("/"))
+    return any(part.startswith(".") for part in relative(path, root).split("/"))
 
 
 def file_tree(uri: str) -> FileTree:
@@ -143,26 +151,25 @@ def split_lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes | int]]:
         yield number + 1, head if size <= limit else size
 
 
-def unreadable_file(tree: FileTree, path: str, error: OSError) -> Record:
-    reason = error.strerror or type(error).__name__
-    return Record(Location(tree.display(path)), Unreadable(f"cannot read the file: {reason}"))
+def unreadable(error: OSError) -> Unreadable:
+    return Unreadable(f"cannot read the file: {error.strerror or type(error).__name__}")
 
 
-def jsonl_records(tree: FileTree, path: str, limit: int) -> Iterator[Record]:
-    """The file's non-blank lines as records whose values are still bytes (`Raw`)."""
-    name = tree.display(path)
+def jsonl_lines(tree: FileTree, path: str, limit: int) -> Iterator[tuple[int | None, bytes | Unreadable]]:
+    """The file's non-blank lines, (line number, bytes not decoded yet), or Unreadable in place
+    of a line over the limit, or of the rest of a file that cannot be read (line number None)."""
     try:
         with tree.fs.open(path, "rb") as handle:
             for number, line in split_lines(handle, limit):
                 if isinstance(line, int):
-                    yield Record(Location(name, number), too_big("line", line, limit))
+                    yield number, too_big("line", line, limit)
                     continue
                 if number == 1 and line.startswith(codecs.BOM_UTF8):  # editors on Windows write one
                     line = line[len(codecs.BOM_UTF8):]
                 if line.strip():  # blank lines (a trailing newline, spacing) are not records
-                    yield Record(Location(name, number), Raw(line, json=True))
+                    yield number, line
     except OSError as error:
-        yield unreadable_file(tree, path, error)
+        yield None, unreadable(error)
 
 
 def text_value(raw: bytes) -> Any:
@@ -173,19 +180,7 @@ def text_value(raw: bytes) -> Any:
                           f"{error.start + 1}); save it as UTF-8")
 
 
-def text_record(tree: FileTree, path: str, limit: int) -> Record:
-    """One text file, checked for size first, its bytes read only when needed (`Later`)."""
-    location = Location(tree.display(path))
-    try:
-        size = tree.size(path)
-    except OSError as error:
-        return unreadable_file(tree, path, error)
-    if size is not None and size > limit:
-        return Record(location, too_big("file", size, limit))
-    return Record(location, Later(tree, path))
-
-
-def file_records(tree: FileTree, task: TaskType, limit: int) -> Iterator[Record]:
+def data_files(tree: FileTree, task: TaskType) -> list[str]:
     suffix = ".txt" if task == TaskType.CONTINUED_PRETRAIN else ".jsonl"
     files = tree.files(suffix)
     if not files:
@@ -194,19 +189,108 @@ def file_records(tree: FileTree, task: TaskType, limit: int) -> Iterator[Record]
         what = "one .txt file per document" if suffix == ".txt" else "JSONL files"
         raise UserError(f"{tree.uri}: no {suffix} files in this folder ({found}); {task.value} "
                         f"reads {what}, recursively")
+    return files
+
+
+# --- chunks: records in batches, as they travel to the worker that validates them ------------
+
+class Chunk:
+    """A batch of consecutive records, compact (no object per record) and not decoded yet; text
+    files are not even read: the worker that validates the chunk reads and decodes it."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def values(self) -> Iterator[Any]:
+        """Each record's value, read and decoded; Unreadable where it cannot be."""
+        raise NotImplementedError
+
+    def location(self, position: int) -> Location:
+        raise NotImplementedError
+
+    def records(self) -> Iterator[Record]:
+        return (Record(self.location(position), value) for position, value in enumerate(self.values()))
+
+
+@dataclass
+class JsonLines(Chunk):
+    names: list[str] = field(default_factory=list)  # each line's file, as the user spells it
+    numbers: list[int | None] = field(default_factory=list)
+    lines: list[Any] = field(default_factory=list)  # bytes, or Unreadable
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def values(self) -> Iterator[Any]:
+        return (line if isinstance(line, Unreadable) else jsonl_value(line) for line in self.lines)
+
+    def location(self, position: int) -> Location:
+        return Location(self.names[position], self.numbers[position])
+
+
+@dataclass
+class TextFiles(Chunk):
+    tree: FileTree
+    paths: list[str]
+    limit: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def values(self) -> Iterator[Any]:
+        for path in self.paths:
+            raw = self.tree.text_bytes(path, self.limit)
+            yield raw if isinstance(raw, Unreadable) else text_value(raw)
+
+    def location(self, position: int) -> Location:
+        return Location(self.tree.display(self.paths[position]))
+
+
+@dataclass
+class Rows(Chunk):
+    source: str
+    first: int  # the first row's number
+    rows: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def values(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    def location(self, position: int) -> Location:
+        return Location(self.source, self.first + position)
+
+
+def jsonl_chunks(tree: FileTree, files: list[str], limit: int, size: int) -> Iterator[JsonLines]:
+    chunk = JsonLines()
     for path in files:
-        if task == TaskType.CONTINUED_PRETRAIN:
-            yield text_record(tree, path, limit)
-        else:
-            yield from jsonl_records(tree, path, limit)
+        name = tree.display(path)
+        for number, line in jsonl_lines(tree, path, limit):
+            chunk.names.append(name)
+            chunk.numbers.append(number)
+            chunk.lines.append(line)
+            if len(chunk.lines) == size:
+                yield chunk
+                chunk = JsonLines()
+    if chunk.lines:
+        yield chunk
+
+
+def text_chunks(tree: FileTree, files: list[str], limit: int, size: int) -> Iterator[TextFiles]:
+    for first in range(0, len(files), size):
+        yield TextFiles(tree, files[first:first + size], limit)
+
+
+def row_chunks(name: str, rows: Iterable[dict], size: int) -> Iterator[Rows]:
+    rows = iter(rows)
+    first = 1
+    while batch := list(islice(rows, size)):
+        yield Rows(name, first, batch)
+        first += len(batch)
 
 
 # --- tables and datasets -----------------------------------------------------------------------
-
-def row_records(name: str, rows: Iterable[dict]) -> Iterator[Record]:
-    for number, row in enumerate(rows, start=1):
-        yield Record(Location(name, number), row)
-
 
 def delta_rows(uri: str) -> Iterator[dict]:
     from deltalake import DeltaTable
@@ -246,43 +330,27 @@ def hub_rows(dataset: str, split: str) -> Iterator[dict]:
 
 # --- entry point -------------------------------------------------------------------------------
 
-def raw_records(uri: str, task: TaskType, limit: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record]:
-    """Every record of a data path in a stable order (see the module doc for detection), its
-    value possibly not read (`Later`) or not decoded (`Raw`) yet: `loaded` and `decoded` do
-    that, so records another shard owns cost next to nothing, and workers decode in parallel."""
+def record_chunks(uri: str, task: TaskType, size: int, limit: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Chunk]:
+    """Every record of a data path in a stable order (see the module doc for detection), in
+    chunks of `size` records, not read or decoded yet (see `Chunk`): so records another shard
+    owns cost next to nothing, and workers read and decode in parallel."""
     local = "://" not in uri
     hub = hub_dataset_name(uri) if local and not os.path.exists(uri) else None
     if hub:
-        return row_records(f"{hub[0]}/{hub[1]}", hub_rows(*hub))
+        return row_chunks(f"{hub[0]}/{hub[1]}", hub_rows(*hub), size)
     tree = file_tree(uri)
     if not tree.fs.exists(tree.root):
         raise UserError(f"{uri}: no such file or folder{relative_note(uri)}")
     if local and relative_note(uri):
         log.info("data %s: %s%s", uri, os.path.abspath(uri), relative_note(uri))
     if tree.fs.isdir(tree.root) and tree.fs.exists(posixpath.join(tree.root, DELTA_LOG)):
-        return row_records(uri, delta_rows(uri))
-    return file_records(tree, task, limit)
-
-
-def loaded(record: Record) -> Record:
-    """Read what was left to read (a text file's bytes); I/O, so done where the files are."""
-    if not isinstance(record.value, Later):
-        return record
-    tree, path = record.value.tree, record.value.path
-    try:
-        return Record(record.location, Raw(tree.read(path), json=False))
-    except OSError as error:
-        return unreadable_file(tree, path, error)
-
-
-def decoded(record: Record) -> Record:
-    """Parse the bytes of a `Raw` record: pure CPU, done in the worker that validates it."""
-    if not isinstance(record.value, Raw):
-        return record
-    raw = record.value
-    return Record(record.location, jsonl_value(raw.data) if raw.json else text_value(raw.data))
+        return row_chunks(uri, delta_rows(uri), size)
+    files = data_files(tree, task)
+    if task == TaskType.CONTINUED_PRETRAIN:
+        return text_chunks(tree, files, limit, size)
+    return jsonl_chunks(tree, files, limit, size)
 
 
 def read_records(uri: str, task: TaskType, limit: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Record]:
     """All records of a data path, read and decoded."""
-    return (decoded(loaded(record)) for record in raw_records(uri, task, limit))
+    return chain.from_iterable(chunk.records() for chunk in record_chunks(uri, task, 512, limit))
