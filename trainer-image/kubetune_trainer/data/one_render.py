@@ -61,9 +61,10 @@ class NotedMessages(list):
 def render_noting_starts(template: Any, variables: dict[str, Any], messages: Sequence[dict]) -> tuple[str, list[int]]:
     """The whole conversation rendered once, and where in it each message starts."""
     noted = NotedMessages(messages)
+    context = template.new_context({"messages": noted, "tools": None, "documents": None,
+                                    "add_generation_prompt": False, **variables})
     pieces = []
-    for piece in template.generate(messages=noted, tools=None, documents=None, add_generation_prompt=False,
-                                   **variables):
+    for piece in template.root_render_func(context):  # what `render` joins; `generate` adds a frame a piece
         pieces.append(piece)
         noted.written += len(piece)
     return "".join(pieces), noted.starts

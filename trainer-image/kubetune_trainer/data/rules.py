@@ -118,7 +118,7 @@ def conversation(value: Any) -> Conversation:
     if not isinstance(messages, list):
         raise Invalid(f"'messages' must be a list, got {type_name(messages)}")
     require(len(messages) > 0, "'messages' is empty")
-    clean = tuple(message(item, number) for number, item in enumerate(messages, start=1))
+    clean = tuple([message(item, number) for number, item in enumerate(messages, start=1)])
     check_role_order([item["role"] for item in clean])
     return Conversation(clean)
 
