@@ -13,7 +13,7 @@ import pytest
 
 from kubetune_trainer.config import TaskType
 from kubetune_trainer.data.records import Unreadable
-from kubetune_trainer.data.sources import hub_dataset_name, read_records, record_chunks, relative
+from kubetune_trainer.data.sources import hub_dataset_name, local_files, read_records, record_chunks, relative
 from kubetune_trainer.errors import UserError
 
 from .conftest import BROKEN, EXAMPLES
@@ -178,3 +178,15 @@ def test_text_files_travel_unread_and_are_read_with_their_size_checked(tmp_path)
 ])
 def test_paths_under_the_root_are_cut_as_relpath_would(path, root, expected):
     assert relative(path, root) == expected
+
+
+def test_a_local_folder_lists_what_fsspec_finds(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a.txt", "sub/b.txt", "sub/deeper/c.txt", ".hidden/d.txt", "sub/.e.txt", "f.jsonl"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    (root / "to-sub").symlink_to(root / "sub")  # a link to a folder is listed, not followed
+    (root / "to-a.txt").symlink_to(root / "a.txt")
+    (root / "dangling.txt").symlink_to(tmp_path / "missing")
+    assert sorted(local_files(str(root))) == sorted(fsspec.filesystem("file").find(str(root)))
+    assert len(local_files(str(root))) == 9
