@@ -4,7 +4,8 @@ The folder holds config.json, generation_config.json, model.safetensors (sharded
 large models) and the tokenizer files with their chat template. Composer's own
 `write_huggingface_pretrained_from_composer_checkpoint` is not used: it writes pickled
 `pytorch_model.bin` and needs peft. Here the weights are assigned to a model built on the meta
-device (no random init, no second copy in memory) and saved as safetensors by `transformers`.
+device (no random init, no second copy in memory) and saved as safetensors by `transformers`, the
+bytes copied from the checkpoint's file inside the kernel (`weights_out`).
 
 The folder is built in a temporary sibling and renamed into place, with a marker naming the source
 checkpoint written last, so a retried finalize either keeps a complete folder for the same
@@ -24,6 +25,7 @@ from typing import Any, Callable
 from . import checkpoints
 from .config import RunConfig
 from .errors import UserError
+from .weights_out import kernel_copies
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ def export(checkpoint: Path, out: Path, base_model: str, source: dict[str, Any])
     write_tokenizer(huggingface["tokenizer"], out)
     model = build_model(huggingface["model"]["config"]["content"], state["model"])
     model.generation_config = generation_config(base_model, model.config)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    with kernel_copies():
+        model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     (out / MARKER).write_text(json.dumps(source))  # last: its presence means complete
 
 

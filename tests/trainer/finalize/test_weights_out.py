@@ -1,0 +1,87 @@
+"""Safetensors written with the checkpoint's bytes copied in the kernel: the same file contents
+safetensors itself writes, and never a stale byte of a tensor changed after loading."""
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from kubetune_trainer import weights_out
+from kubetune_trainer.weights_out import FILE_PAGE, PRESENT, SWAPPED, Sources, file_mappings, save_file, unchanged
+
+
+def mapped_tensors(tmp_path):
+    saved = {"a": torch.arange(50_000, dtype=torch.float32), "b": torch.ones(3, 7, dtype=torch.bfloat16),
+             "c": torch.tensor([1, 2, 3], dtype=torch.int64)}
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    return saved, torch.load(tmp_path / "checkpoint.pt", mmap=True, weights_only=True)
+
+
+def test_what_it_writes_is_what_safetensors_reads_back(tmp_path):
+    saved, loaded = mapped_tensors(tmp_path)
+    save_file({**loaded, "fresh": torch.zeros(0), "view": torch.arange(12.0).reshape(3, 4).t()},
+              str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    back = load_file(tmp_path / "w.safetensors")
+    for name, tensor in saved.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+    assert torch.equal(back["view"], torch.arange(12.0).reshape(3, 4).t()) and back["fresh"].numel() == 0
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as opened:
+        assert opened.metadata() == {"format": "pt"}
+
+
+def test_mapped_bytes_come_from_the_file_and_changed_ones_from_memory(tmp_path):
+    _, loaded = mapped_tensors(tmp_path)
+    sources = Sources()
+    try:
+        found = sources.find(loaded["a"].data_ptr(), loaded["a"].numel() * 4)
+        assert found is not None and found[1] > 0  # somewhere inside the checkpoint's zip
+        assert sources.find(torch.ones(100_000).data_ptr(), 400_000) is None  # anonymous memory
+    finally:
+        sources.close()
+    loaded["a"].add_(1)  # a private copy of its pages now: the file no longer holds these bytes
+    sources = Sources()
+    try:
+        assert sources.find(loaded["a"].data_ptr(), loaded["a"].numel() * 4) is None
+    finally:
+        sources.close()
+    save_file(loaded, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["a"], torch.arange(50_000, dtype=torch.float32) + 1)
+
+
+def test_a_page_is_the_files_only_untouched_or_present_as_a_file_page():
+    assert unchanged([0, PRESENT | FILE_PAGE, FILE_PAGE])
+    assert not unchanged([0, PRESENT])  # written: the process's own copy
+    assert not unchanged([SWAPPED])     # only anonymous pages swap
+
+
+def test_only_live_file_mappings_are_sources():
+    maps = ("7f00-7f10 r--p 00001000 fe:00 12 /data/ckpt.pt\n"
+            "7f10-7f20 rw-p 00000000 00:00 0 \n"
+            "7e00-7e10 r--p 00000000 fe:00 13 /data/old.pt (deleted)\n"
+            "7d00-7d10 rw-p 00000000 00:00 0 [heap]\n")
+    assert [(m.start, m.offset, m.path) for m in file_mappings(maps)] == [(0x7f00, 0x1000, "/data/ckpt.pt")]
+
+
+def test_save_pretrained_is_given_back_its_own_writer():
+    from transformers import modeling_utils
+
+    before = modeling_utils.safe_save_file
+    with weights_out.kernel_copies():
+        assert modeling_utils.safe_save_file is save_file
+    assert modeling_utils.safe_save_file is before
+
+
+def test_where_the_kernel_cannot_copy_the_bytes_are_written_from_memory(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    saved, loaded = mapped_tensors(tmp_path)
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "cross-device copy")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    save_file(loaded, str(tmp_path / "w.safetensors"))
+    back = load_file(tmp_path / "w.safetensors")
+    assert calls and all(torch.equal(back[name], tensor) for name, tensor in saved.items())
