@@ -90,11 +90,14 @@ class Sources:
         if address + size > region.end:
             return None
         first, last = address // PAGE, (address + size - 1) // PAGE
-        raw = os.pread(self.pagemap, 8 * (last - first + 1), 8 * first)
-        if not unchanged(np.frombuffer(raw, dtype="<u8")):
+        try:
+            raw = os.pread(self.pagemap, 8 * (last - first + 1), 8 * first)
+            if len(raw) != 8 * (last - first + 1) or not unchanged(np.frombuffer(raw, dtype="<u8")):
+                return None
+            if region.path not in self.files:
+                self.files[region.path] = os.open(region.path, os.O_RDONLY)
+        except OSError:  # pagemap restricted, or the file gone: write from memory
             return None
-        if region.path not in self.files:
-            self.files[region.path] = os.open(region.path, os.O_RDONLY)
         return self.files[region.path], region.offset + address - region.start
 
 
