@@ -1,9 +1,6 @@
-"""A free TCP port on the loopback, for the servers the tests start (one helper for all)."""
+"""A free TCP port on the loopback, for the servers the tests start: local mode's own helper, which
+picks the ports of the processes standing for pods."""
 
-import socket
+from kubetune.local import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port"]
