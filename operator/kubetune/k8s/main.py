@@ -207,8 +207,6 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
         try:
             await kopf.operator(
                 standalone=True,  # leader election above replaces kopf's peering
-                # kopf's default identity asks getpass, which fails for a uid with no passwd entry.
-                identity=socket.gethostname(),
                 # kopf's default identity asks for the user's name, which a uid without a passwd
                 # entry (the image's 65532, or whatever runAsUser a cluster picks) does not have.
                 identity=socket.gethostname(),
