@@ -111,3 +111,16 @@ def test_kubetune_validate_refuses_a_link_out_with_one_clear_line(tmp_path, caps
     err = capsys.readouterr().err
     assert f"trainDataPath {data}: the symlink {data / 'shadow.jsonl'} leads to /etc/" in err
     assert "Traceback" not in err
+
+
+def test_links_under_a_folder_are_found_in_os_walk_order(tmp_path):
+    from kubetune_trainer.inputs import _links_under
+
+    for name in ("a/b/c.txt", "a/d.txt", "e/f.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    for link, target in (("a/to-e", "e"), ("a/b/to-c", "a/b/c.txt"), ("dangling", "missing"), ("e/to-root", ".")):
+        (tmp_path / link).symlink_to(tmp_path / target)
+    walked = [Path(parent) / name for parent, subfolders, files in os.walk(tmp_path)
+              for name in [*subfolders, *files] if (Path(parent) / name).is_symlink()]
+    assert list(_links_under(tmp_path)) == walked and len(walked) == 4

@@ -71,12 +71,32 @@ def _storage_escape(path: Path, root: Path) -> str | None:
 
 def _links_under(folder: Path) -> Iterator[Path]:
     """Every symlink under `folder` (a file's path has none); links are listed, not followed."""
-    if not folder.is_dir():
+    if folder.is_dir():
+        yield from _links_in(str(folder))
+
+
+def _links_in(folder: str) -> Iterator[Path]:
+    """os.walk's order (a folder's subfolders, then its files, then each subfolder), told from
+    the listing alone: no Path and no lstat per file (50,000 data files took a second)."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError:  # as os.walk: an unreadable folder is skipped
         return
-    for parent, subfolders, files in os.walk(folder):
-        for name in [*subfolders, *files]:
-            if (Path(parent) / name).is_symlink():
-                yield Path(parent) / name
+    subfolders = [entry for entry in entries if _is_dir(entry)]
+    for entry in subfolders + [entry for entry in entries if not _is_dir(entry)]:
+        if entry.is_symlink():
+            yield Path(entry.path)
+    for entry in subfolders:
+        if not entry.is_symlink():
+            yield from _links_in(entry.path)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def check_custom_weights(path: str | None) -> None:
