@@ -222,6 +222,19 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(cp: ControlPlane, operator: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds of each process of the bench (this one: the node agent and the watches)."""
+    pids = {name: comp.proc.pid for name, comp in cp.components.items() if comp.proc is not None}
+    pids |= {"operator": operator.pid, "bench + node agent": os.getpid()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
 def histogram_quantiles(metrics_text: str, name: str, **match: str) -> dict[str, float | str]:
     """p50 and p95 of a Prometheus histogram (its series whose labels match `match`, a regex
     per label, summed) as the upper bound of their bucket, and the count."""
@@ -322,6 +335,7 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         operator = start_operator(cp.kubeconfig, work, fifos, metrics_port)
         time.sleep(5)  # the operator elects itself and lists what there is
         load_before, counts_at_start = load_average(), request_counts(cp)
+        cpu_at_start = cpu_by_process(cp, operator)
         say(f"creating {runs} TrainingRuns" + (f", {create_rate:g}/s" if create_rate else " at once"))
         created = create_all(client.CustomObjectsApi(api_client), names, create_rate)
         creating_s = max(created.values()) - min(created.values())
@@ -352,6 +366,7 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         agent_share = between(exited, watcher.train_done)
         operator_share = between(watcher.train_done, watcher.trained)
         rss = peak_rss_mb(operator.pid)
+        cpu = {name: round(seconds - cpu_at_start[name], 1) for name, seconds in cpu_by_process(cp, operator).items()}
         counts_at_end = request_counts(cp)
         api_metrics = cp.api_get("/metrics")[1].decode()
         whole = {k: v - counts_at_start.get(k, 0.0) for k, v in counts_at_end.items()}
@@ -377,6 +392,9 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 # The operator's share: from the pod's Succeeded reaching the API to status Trained.
                 "reported_to_status": spread(operator_share),
                 "operator_peak_rss_mb": rss,
+                # CPU seconds each process spent from the first creation to the last Succeeded
+                # (the machine had 2 cores; the pods' own processes are not counted).
+                "cpu_s": {**cpu, "wall": round(time.monotonic() - min(created.values()), 1)},
                 # The API server's own time for writes, every client, since it started.
                 "api_write_latency_s": histogram_quantiles(api_metrics, "apiserver_request_duration_seconds",
                                                            verb="POST|PUT|PATCH|DELETE"),

@@ -184,6 +184,9 @@ class NodeAgent:
             os.set_blocking(fd, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.io = concurrent.futures.ThreadPoolExecutor(IO_THREADS, "node-agent-io")
+        # Status reports have threads of their own, as the kubelet's status manager does: a
+        # container's exit reaches the API without queueing behind new pods' bindings and mounts.
+        self.reports = concurrent.futures.ThreadPoolExecutor(IO_THREADS, "node-agent-report")
         self.stopping = threading.Event()
         self.net = random.randint(16, 250)
         self.ips_given = 0
@@ -212,6 +215,7 @@ class NodeAgent:
         for t in self.threads:
             t.join(timeout=5 if t.name.endswith("work") else 0.5)
         self.io.shutdown(wait=False, cancel_futures=True)
+        self.reports.shutdown(wait=False, cancel_futures=True)
         for run in list(self.runs.values()):
             kill_all(run, signal.SIGKILL)
         self.selector.close()
@@ -385,7 +389,7 @@ class NodeAgent:
             except Exception as e:  # noqa: BLE001 - the worker decides what a failure means
                 outcome = e
             self._post("DONE", (uid, what, outcome))
-        self.io.submit(task)
+        (self.reports if what == "report" else self.io).submit(task)
 
     def _background(self, what: str, call, *args) -> None:
         """An API call nobody waits for (a binding, a heartbeat): failures are only logged."""

@@ -98,8 +98,8 @@ def register(settings: OperatorSettings, resync: float) -> None:
     `wakeups` (Wakeups), `progress` (ProgressReader), `synced` (an asyncio.Event: the informer
     has listed every kind once) and three thread pools, `executor` (the ticks of a change),
     `resyncs` (the ticks of a run's timer) and `side` (status patches, beside a tick's other
-    writes). A change never queues behind the timers: at 200 quiet runs a resync falls due
-    every few milliseconds."""
+    writes). A change never queues behind the timers (200 training runs have a progress read
+    due every 150 ms, a burst of them after a restart)."""
 
     @kopf.daemon(GROUP, VERSION, PLURAL, initial_delay=0.0, cancellation_timeout=1.0)
     async def reconcile_run(namespace: str, name: str, uid: str, body: kopf.Body,
