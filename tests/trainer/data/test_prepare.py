@@ -187,12 +187,21 @@ def test_worker_processes_and_shards_write_what_one_process_writes(make_config, 
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(analysis_module, "ProcessPoolExecutor", CountedPool)
+    writers = []
+
+    class CountedWriters(prepare_module.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            writers.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", CountedWriters)
+    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 4 * 96 * 2)  # rows written two at a time
     serial = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "serial"), context_length=96)
     expected = run_prepare(serial, processes=1)
-    assert pools == []
+    assert pools == [] and writers == []
     pooled = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "pooled"), context_length=96)
-    assert run_prepare(pooled, processes=2) == expected and pools == [(2,)]
-    assert written(pooled) == written(serial)
+    assert run_prepare(pooled, processes=2) == expected and pools == [(2,)] and writers == [(2,)]
+    assert written(pooled) == written(serial) and expected["dataStats"]["sequences"] > 4
     # Three pods: 1 and 2 write their parts and report nothing; 0 merges, the same bytes result.
     sharded = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "sharded"), context_length=96)
     assert run_prepare(sharded, Shard(2, 3), processes=1) == {}

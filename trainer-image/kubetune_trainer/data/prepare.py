@@ -19,6 +19,9 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from ..config import RunConfig, is_object_store
 from ..contract import ENV_PREP_SHARD, ENV_PREP_SHARDS
 from ..errors import UserError
 from ..results import write_json_atomically
-from .analysis import Encoder, Setup, Shard, checked_report, read_part, setup, split_report
+from .analysis import Encoder, Setup, Shard, available_cpus, checked_report, read_part, setup, split_report
 from .packing import empty_arrays, fill_block
 from .parts import Merged, Part, SampleReader, is_done, load_part, merge
 from .store import SplitWriter
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 STATS = "stats.json"
 PARTS = "data-parts"  # next to data/ in the work dir
-BLOCK_BYTES = 8 * 2**20  # rows written at a time, per array
+BLOCK_BYTES = 4 * 2**20  # rows written at a time, per array (small enough to share out evenly)
 WAIT_SECONDS = 2.0  # pod 0 polls for the other parts this often
 
 
@@ -88,28 +91,68 @@ def split_meta(config: RunConfig, context_length: int, stats) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RowBlocks:
+    """A split's packed rows, written a block of rows at a time, each sample read back from its
+    part; blocks are independent, so forked processes share them out."""
+
+    merged: Merged
+    order: np.ndarray  # samples, row by row (see `packing.pack_compact`)
+    bounds: np.ndarray  # row i holds order[bounds[i]:bounds[i + 1]]
+    context_length: int
+    pad: int
+    writer: SplitWriter
+    per_block: int
+
+    def write(self, first: int, reader: SampleReader) -> None:
+        count = min(self.per_block, len(self.bounds) - 1 - first)
+        block = empty_arrays(count, self.context_length, self.pad)
+        row_bounds = self.bounds[first:first + count + 1]
+        ids, mask, lengths = reader.read(self.order[row_bounds[0]:row_bounds[-1]])
+        fill_block(block, ids, mask, lengths, np.repeat(np.arange(count), np.diff(row_bounds)))
+        self.writer.write_at(first, block)
+
+
+# The rows of the split being written, for the forked processes that write its blocks.
+_rows: RowBlocks | None = None
+
+
+def _write_blocks(firsts: list[int]) -> None:
+    assert _rows is not None
+    reader = SampleReader(_rows.merged)
+    try:
+        for first in firsts:
+            _rows.write(first, reader)
+    finally:
+        reader.close()
+
+
 def write_rows(folder: Path, merged: Merged, bins: tuple[np.ndarray, np.ndarray], context_length: int,
-               pad: int, meta: dict[str, Any]) -> None:
-    """Lay the packed rows out block by block, reading each sample back from its part."""
+               pad: int, meta: dict[str, Any], processes: int) -> None:
+    """Lay the packed rows out block by block; with several blocks, `processes` forked
+    processes write every `processes`-th block each (the same bytes, in half the time on 2 CPUs)."""
+    global _rows
     order, bounds = bins
     rows = len(bounds) - 1
     writer = SplitWriter(folder, rows, context_length)
-    reader = SampleReader(merged)
     per_block = max(1, BLOCK_BYTES // (4 * context_length))
+    firsts = list(range(0, rows, per_block))
+    _rows = RowBlocks(merged, order, bounds, context_length, pad, writer, per_block)
     try:
-        for first in range(0, rows, per_block):
-            count = min(per_block, rows - first)
-            block = empty_arrays(count, context_length, pad)
-            row_bounds = bounds[first:first + count + 1]
-            ids, mask, lengths = reader.read(order[row_bounds[0]:row_bounds[-1]])
-            fill_block(block, ids, mask, lengths, np.repeat(np.arange(count), np.diff(row_bounds)))
-            writer.write(block)
+        shares = [firsts[number::processes] for number in range(min(processes, len(firsts)))]
+        if len(shares) < 2:
+            _write_blocks(firsts)
+        else:
+            with ProcessPoolExecutor(len(shares), mp_context=get_context("fork")) as pool:
+                for done in [pool.submit(_write_blocks, share) for share in shares]:
+                    done.result()
     finally:
-        reader.close()
+        _rows = None
     writer.close(meta)
 
 
-def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str, list[Part]]) -> dict[str, Any]:
+def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str, list[Part]],
+               processes: int | None = None) -> dict[str, Any]:
     """Merge each split's parts, check, pack and write `data/`; the result fields."""
     merged = {split: merge(split_parts, config.max_reported_errors) for split, split_parts in parts.items()}
     packed = {split: split_report(split, ready.sources[split], merged[split], ready.context_length)
@@ -120,7 +163,8 @@ def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str,
     try:
         for split, (summary, bins) in packed.items():
             meta = split_meta(config, ready.context_length, summary.stats)
-            write_rows(temp / split, merged[split], bins, ready.context_length, pad_id(ready.tokenizer), meta)
+            write_rows(temp / split, merged[split], bins, ready.context_length, pad_id(ready.tokenizer), meta,
+                       processes or available_cpus())
         (temp / STATS).write_text(json.dumps(fields, indent=2, sort_keys=True))
         if data_dir.exists():  # half-written by an earlier attempt (no marker): replace it
             shutil.rmtree(data_dir)
@@ -183,7 +227,7 @@ def run_prepare(config: RunConfig, shard: Shard | None = None, processes: int | 
     wait_for_parts([folder for split_folders in folders.values() for folder in split_folders], wait_timeout)
     parts = {split: [load_part(folder) for folder in split_folders] for split, split_folders in folders.items()}
     try:
-        return write_data(data_dir, config, ready, parts)
+        return write_data(data_dir, config, ready, parts, processes)
     finally:
         if completed(data_dir) is not None or shard.count == 1:
             shutil.rmtree(root, ignore_errors=True)

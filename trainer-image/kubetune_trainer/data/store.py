@@ -8,6 +8,7 @@ memory-map them and index any sequence in O(1) without a streaming dependency.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,25 +74,41 @@ def write_split(path: str | Path, arrays: PackedArrays, meta: dict[str, Any]) ->
 
 
 class SplitWriter:
-    """Writes a split's four `.npy` files front to back, a block of rows at a time, so a large
-    split is written without holding it (or a memory map of it) in memory."""
+    """Writes a split's four `.npy` files a block of rows at a time, so a large split is written
+    without holding it (or a memory map of it) in memory. Blocks land at their rows' offsets
+    (`pwrite`), so processes that share the writer (forked) may write blocks in any order."""
 
     def __init__(self, path: str | Path, num_sequences: int, context_length: int):
         self.folder = Path(path)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.row_bytes = context_length * np.dtype(DTYPE).itemsize
+        self.written = 0  # rows written front to back by `write`
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)), "fortran_order": False,
                   "shape": (num_sequences, context_length)}
-        self.files = {name: open(self.folder / f"{name}.npy", "wb") for name in ARRAY_NAMES}
-        for handle in self.files.values():
-            np.lib.format.write_array_header_1_0(handle, header)
+        self.files = {}
+        for name in ARRAY_NAMES:
+            with open(self.folder / f"{name}.npy", "wb") as handle:
+                np.lib.format.write_array_header_1_0(handle, header)
+                self.header_bytes = handle.tell()
+                handle.truncate(self.header_bytes + num_sequences * self.row_bytes)
+            self.files[name] = os.open(self.folder / f"{name}.npy", os.O_WRONLY)
 
     def write(self, block: PackedArrays) -> None:
+        """The next rows."""
+        self.write_at(self.written, block)
+        self.written += len(block)
+
+    def write_at(self, first_row: int, block: PackedArrays) -> None:
+        offset = self.header_bytes + first_row * self.row_bytes
         for name, array in block.arrays().items():
-            self.files[name].write(np.ascontiguousarray(array, dtype=DTYPE).tobytes())
+            data = memoryview(np.ascontiguousarray(array, dtype=DTYPE)).cast("B")
+            done = 0
+            while done < len(data):  # pwrite may write less than asked
+                done += os.pwrite(self.files[name], data[done:], offset + done)
 
     def close(self, meta: dict[str, Any]) -> None:
         for handle in self.files.values():
-            handle.close()
+            os.close(handle)
         write_meta(self.folder, meta)
 
 
