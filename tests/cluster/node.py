@@ -177,7 +177,11 @@ state = "{state}"
     conf_dir = "{cni_conf}"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
+    base_runtime_spec = "{base_spec}"
 """
+# What every container gets from this machine's environment when set, as the node agent passes it
+# on: the test lanes run many torch processes on 2 cores, one OpenMP thread each (tests/support/lanes.py).
+PASSED_ENV = ("OMP_NUM_THREADS",)
 
 
 @dataclass
@@ -311,10 +315,14 @@ class Nodes:
         (node.dir / "cni").mkdir(exist_ok=True)
         (node.dir / "cni" / "10-bridge.conflist").write_text(json.dumps(
             cni_config(node, self.workdir / "cni-ipam"), indent=1))
+        base_spec = node.dir / "base-spec.json"
+        base_spec.write_text(json.dumps(base_runtime_spec(
+            json.loads(sh("ctr", "oci", "spec").stdout), {k: os.environ[k] for k in PASSED_ENV if k in os.environ})))
         config = node.dir / "containerd.toml"
         config.write_text(CONTAINERD_CONFIG.format(
             root=node.dir / "containerd" / "root", state=node.dir / "containerd" / "state",
-            socket=node.socket, pause=PAUSE_ALIAS, cni_bin=CNI_BIN, cni_conf=node.dir / "cni"))
+            socket=node.socket, pause=PAUSE_ALIAS, cni_bin=CNI_BIN, cni_conf=node.dir / "cni",
+            base_spec=base_spec))
         argv = ["containerd", f"--config={config}", "--log-level=warn"]
         ready = lambda: subprocess.run(["ctr", f"--address={node.socket}", "version"],  # noqa: E731
                                        capture_output=True).returncode == 0
@@ -473,6 +481,19 @@ def https_ok(url: str) -> bool:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     return http_get(url, ctx)[0] == 200
+
+
+def base_runtime_spec(default: dict, env: dict[str, str]) -> dict:
+    """The container spec containerd's CRI starts from: its default (`ctr oci spec`) as the CRI
+    uses it without a base spec (no default seccomp, AppArmor profile or rlimits: the pod's
+    securityContext decides those), plus `env`, which the image's and the pod's env override."""
+    spec = json.loads(json.dumps(default))
+    process = spec.setdefault("process", {})
+    process.pop("rlimits", None)
+    process["apparmorProfile"] = ""
+    spec.get("linux", {}).pop("seccomp", None)
+    process["env"] = [*(process.get("env") or []), *(f"{k}={v}" for k, v in env.items())]
+    return spec
 
 
 def cni_config(node: Node, ipam_dir: Path) -> dict:

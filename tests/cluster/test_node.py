@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from .images import REPO
+from .node import base_runtime_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -205,3 +206,13 @@ def test_a_killed_main_process_restarts_its_container(kubelets, kubectl, namespa
     assert status["lastState"]["terminated"]["exitCode"] == 137, status
     finished(kubectl, namespace, "crasher", wait_for)
     assert get()["containerStatuses"][0]["restartCount"] == 1
+
+
+def test_the_base_container_spec_is_the_cri_default_plus_the_machines_passed_env():
+    default = {"process": {"args": ["sh"], "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]},
+               "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}, "namespaces": [{"type": "pid"}]}}
+    spec = base_runtime_spec(default, {"OMP_NUM_THREADS": "1"})
+    assert spec["process"] == {"args": ["sh"], "apparmorProfile": "", "env": ["OMP_NUM_THREADS=1"]}
+    assert spec["linux"] == {"namespaces": [{"type": "pid"}]}
+    assert "rlimits" in default["process"], "the default is left as it was"
+    assert base_runtime_spec(default, {})["process"]["env"] == []
