@@ -8,7 +8,7 @@ memory: the ceiling of this step. Each runs in its own fresh process. Figure: pr
 tokens/s over the ceiling's (goals: >= 0.8 for IFT and CPT, >= 0.5 for chat); the ceiling runs
 before and after prepare and the faster of the two counts.
 
-    .venv/bin/python bench/data_prep.py [--rows 50000] [--tasks ift,chat,cpt]
+    .venv/bin/python bench/data_prep.py [--rows 50000] [--tasks ift,chat,cpt] [--data DIR]
 
 `--profile` instead runs `prepare` alone under cProfile (in the parent process; `--processes 1`
 keeps all the work in it) and prints the wall-clock time of each phase and the functions that
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="ift,chat,cpt")
     parser.add_argument("--profile", action="store_true", help="prepare alone, under cProfile")
     parser.add_argument("--processes", type=int, help="worker processes of prepare (default: one per CPU)")
+    parser.add_argument("--data", help="keep the generated data in this folder and reuse it (same --rows)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -123,8 +124,9 @@ def main() -> None:
     ratios = {}
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
         for task in args.tasks.split(","):
-            data = Path(scratch) / (f"{task}-data" if task == "cpt" else f"{task}.jsonl")
-            WRITERS[task](data, args.rows, SEED)
+            data = Path(args.data or scratch) / (f"{task}-data" if task == "cpt" else f"{task}.jsonl")
+            if not (args.data and data.exists()):
+                WRITERS[task](data, args.rows, SEED)
             work = str(Path(scratch) / f"{task}-work")
             processes = [str(args.processes)] if args.processes else []
             if args.profile:
