@@ -185,20 +185,27 @@ def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}},
            "status": {"active": 1, "succeeded": 1,
                       "conditions": [{"type": "SuccessCriteriaMet", "status": "False"}]}}
+    owner = [{"apiVersion": "batch/v1", "kind": "Job", "name": "r-train-2", "uid": "j", "controller": True}]
     pod = {"metadata": {"name": "r-train-2-0-x", "namespace": "ns", "labels": labels, "resourceVersion": "8",
-                        "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+                        "annotations": {"batch.kubernetes.io/job-completion-index": "0"}, "ownerReferences": owner},
            "spec": {"containers": [container], "nodeName": "n"},
-           "status": {"phase": "Succeeded", "podIP": "10.0.0.2", "containerStatuses": [
+           "status": {"phase": "Succeeded", "podIP": "10.0.0.2",
+                      "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+                      "containerStatuses": [
                {"name": "trainer", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
                                                               "message": '{"ok": true, "step": "train"}'}}}]}}
-    full = observe(jobs=[copy.deepcopy(job)], pods=[copy.deepcopy(pod)])
+    service = {"metadata": {"name": "r-train", "namespace": "ns", "labels": labels, "resourceVersion": "9"},
+               "spec": {"clusterIP": "None", "ports": [{"port": 29500}]}, "status": {"loadBalancer": {}}}
+    full = observe(jobs=[copy.deepcopy(job)], pods=[copy.deepcopy(pod)], services=[copy.deepcopy(service)])
     store = ChildStore()
-    store.put("jobs", job)
-    store.put("pods", pod)
+    for kind, obj in (("jobs", job), ("pods", pod), ("services", service)):
+        store.put(kind, obj)
     kept = store.children("ns", "r")
     assert "spec" not in kept["pods"][0] and "template" not in kept["jobs"][0]["spec"]
+    assert "conditions" not in kept["pods"][0]["status"] and "ownerReferences" not in kept["pods"][0]["metadata"]
+    assert set(kept["services"][0]) == {"metadata"}
     assert kept["jobs"][0]["spec"]["completions"] == 2
-    assert observe(jobs=kept["jobs"], pods=kept["pods"]) == full
+    assert observe(jobs=kept["jobs"], pods=kept["pods"], services=kept["services"]) == full
 
 
 class Writes:

@@ -38,14 +38,22 @@ def run_key(obj: dict[str, Any]) -> Key | None:
 
 
 def slim(kind: str, obj: dict[str, Any]) -> None:
-    """Drop what the reconcile never reads and most of the bytes are: managed fields, a pod's
-    spec, a Job's pod template (`observe` reads metadata, status, a Job's suspend and
-    completions). A thousand runs' children then fit in the operator's memory bound."""
-    (obj.get("metadata") or {}).pop("managedFields", None)
+    """Drop what the reconcile never reads and most of the bytes are: managed fields and owner
+    references, a pod's spec and conditions, a Job's pod template, all of a Service but its
+    metadata (`observe` reads metadata, a pod's phase and container states, a Job's status,
+    suspend and completions, that a Service exists). A thousand runs' children then take
+    ~40 MB."""
+    meta = obj.get("metadata") or {}
+    meta.pop("managedFields", None)
+    meta.pop("ownerReferences", None)
     if kind == "pods":
         obj.pop("spec", None)
+        (obj.get("status") or {}).pop("conditions", None)
     elif kind == "jobs":
         (obj.get("spec") or {}).pop("template", None)
+    elif kind == "services":
+        obj.pop("spec", None)
+        obj.pop("status", None)
 
 
 class ChildStore:
