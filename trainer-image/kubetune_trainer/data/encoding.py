@@ -279,7 +279,7 @@ def content_spans(messages: Sequence[dict], full: str) -> list[Span]:
 
 def span_mask(encoding: Any, spans: Sequence[Span]) -> np.ndarray:
     """Learned tokens: every token that holds a character of a span."""
-    mask = np.zeros(len(encoding.ids), dtype=bool)
+    mask = np.zeros(len(encoding), dtype=bool)  # len(encoding.ids) would copy the ids once more
     for start, end in spans:
         first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
         if first is None or last is None:  # a character no token holds (a normalizer dropped it)
