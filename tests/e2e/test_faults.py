@@ -215,7 +215,7 @@ def test_a_kubelet_and_containerd_restarted_and_a_deleted_pod_mid_training_leave
     if not faults.real_nodes:
         pytest.skip("restarts a kubelet and containerd: needs real nodes (KUBETUNE_E2E_NODE=kubelet)")
     name, model = "weather", f"main.e2e.node_faults_{namespace[-6:]}"
-    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="4ep", backoffLimit=1,
+    create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="3ep", backoffLimit=1,
                                                registerTo=model))
     ledger = ChildLedger(kubectl, namespace, name)
     checkpoint = wait_checkpoint(kubectl, namespace, name, wait_for)
