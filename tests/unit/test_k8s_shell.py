@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import kopf
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from kubetune import metrics
 from kubetune.api import EventType
@@ -20,7 +21,7 @@ from kubetune.k8s.cluster import Cluster, EventPoster, camel
 from kubetune.k8s.handlers import Wakeups, sleep_until_woken
 from kubetune.k8s.informer import ChildStore
 from kubetune.k8s.main import RuntimeOptions, UnkeptDiffBase
-from kubetune.reconcile import Plan, PlannedEvent, observe
+from kubetune.reconcile import ChildRef, Plan, PlannedEvent, observe
 from kubetune.tick import ProgressReader, apply, scrape
 
 METRICS = """\
@@ -304,3 +305,48 @@ def test_kopf_keeps_no_diff_base_on_the_runs():
     patch = kopf.Patch()
     storage.store(body=body, patch=patch, essence=storage.build(body=body))
     assert not patch and storage.fetch(body=body) is None
+
+
+class Creating(Cluster):
+    """Cluster whose creates succeed, or find the object made already (409), without a server."""
+
+    def __init__(self, conflict: bool = False):
+        super().__init__(ChildStore(), client.ApiClient(client.Configuration()), EventPoster(threads=0))
+        self.conflict, self.posted = conflict, []
+
+    def _post(self, manifest):
+        self.posted.append(manifest["metadata"]["name"])
+        if self.conflict:
+            raise ApiException(status=409)
+
+
+def job_manifest(name: str = "r-prep") -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "spec": {"completions": 1},
+            "metadata": {"name": name, "namespace": "ns", "labels": {"kubetune.dev/run": "r"}}}
+
+
+def test_a_child_we_created_stands_in_until_the_watch_delivers_it():
+    cluster = Creating()
+    cluster.create(job_manifest())
+    assert [j["metadata"]["name"] for j in cluster.children("ns", "r")["jobs"]] == ["r-prep"]
+    assert cluster.children("ns", "other")["jobs"] == []
+    watched = {**job_manifest(), "status": {"active": 1}}
+    cluster.store.put("jobs", watched)  # the watch caught up: its copy, once
+    assert cluster.children("ns", "r")["jobs"] == [watched]
+    cluster.store.remove("jobs", watched)  # and a deletion after that is seen as one
+    assert cluster.children("ns", "r")["jobs"] == []
+
+
+def test_a_stand_in_goes_with_a_delete_its_time_or_a_conflict(monkeypatch):
+    cluster = Creating()
+    cluster.create(job_manifest("r-train-1"))
+    cluster.batch = type("Batch", (), {"delete_namespaced_job": lambda *a, **k: None})()
+    cluster.delete(ChildRef("Job", "r-train-1", "ns"))
+    assert cluster.children("ns", "r")["jobs"] == []
+    cluster.create(job_manifest("r-train-2"))
+    monkeypatch.setattr(time, "monotonic", lambda: float("inf"))  # CREATED_TTL has passed
+    assert cluster.children("ns", "r")["jobs"] == []
+    monkeypatch.undo()
+    conflicted = Creating(conflict=True)
+    conflicted.create(job_manifest())  # made by an earlier tick: the watch will bring it
+    assert conflicted.posted == ["r-prep"] and conflicted.children("ns", "r")["jobs"] == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -22,15 +23,17 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import metrics
 from ..api import GROUP, KIND, PLURAL, VERSION
+from ..manifests import LABEL_RUN
 from ..reconcile import ChildRef, PlannedEvent
 from .informer import ChildStore
 
 log = logging.getLogger("kubetune.k8s")
-CREATORS = {  # kind -> (api class, create method)
-    "ConfigMap": (client.CoreV1Api, "create_namespaced_config_map"),
-    "Service": (client.CoreV1Api, "create_namespaced_service"),
-    "Job": (client.BatchV1Api, "create_namespaced_job"),
+CREATORS = {  # kind -> (api class, create method, the store's name of the kind)
+    "ConfigMap": (client.CoreV1Api, "create_namespaced_config_map", "config_maps"),
+    "Service": (client.CoreV1Api, "create_namespaced_service", "services"),
+    "Job": (client.BatchV1Api, "create_namespaced_job", "jobs"),
 }
+CREATED_TTL = 30.0  # seconds a child we created stands in for the watch's copy, at most
 
 
 class EventPoster:
@@ -78,9 +81,26 @@ class Cluster:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.events = events or EventPoster()
         self._written: dict[str, dict[str, Any]] = {}  # uid -> the run as our last patch left it
+        # (namespace, run) -> name -> (when, store kind, manifest): created, not yet watched
+        self._created: dict[tuple[str, str], dict[str, tuple[float, str, Mapping[str, Any]]]] = {}
+        self._created_lock = threading.Lock()
 
     def children(self, namespace: str, run: str) -> dict[str, list[dict[str, Any]]]:
-        return self.store.children(namespace, run)
+        """The watch's copies, and what we created that the watch has not delivered yet (its
+        manifest stands in): a tick right after ours must not create it again (409s cost the
+        API server as much as the create, and under load the watch trails by seconds)."""
+        found = self.store.children(namespace, run)
+        with self._created_lock:
+            pending = self._created.get((namespace, run))
+            for name, (when, kind, manifest) in list((pending or {}).items()):
+                seen = any(obj["metadata"]["name"] == name for obj in found[kind])
+                if seen or time.monotonic() - when > CREATED_TTL:
+                    del pending[name]
+                else:
+                    found[kind].append(dict(manifest))
+            if pending == {}:
+                del self._created[(namespace, run)]
+        return found
 
     def newest(self, run: Mapping[str, Any]) -> Mapping[str, Any]:
         """kopf's watch-fed copy of a run, or the one our last status patch returned when the
@@ -97,17 +117,30 @@ class Cluster:
         self._written.pop(uid, None)
 
     def create(self, manifest: Mapping[str, Any]) -> None:
-        api_class, method = CREATORS[manifest["kind"]]
-        namespace = manifest["metadata"]["namespace"]
+        meta = manifest["metadata"]
         try:
-            # The reply is not read into the client's typed model: nothing uses it, and that
-            # costs more CPU than the request (a Job's model is big).
-            discard(getattr(api_class(self.api_client), method)(namespace, manifest, _preload_content=False))
+            self._post(manifest)
         except ApiException as error:
             if error.status != 409:  # 409: it exists already, which is what we wanted
                 raise
+            return
+        run = (meta.get("labels") or {}).get(LABEL_RUN)
+        if run:
+            with self._created_lock:
+                self._created.setdefault((meta["namespace"], run), {})[meta["name"]] = (
+                    time.monotonic(), CREATORS[manifest["kind"]][2], manifest)
+
+    def _post(self, manifest: Mapping[str, Any]) -> None:
+        api_class, method, _ = CREATORS[manifest["kind"]]
+        # The reply is not read into the client's typed model: nothing uses it, and that costs
+        # more CPU than the request (a Job's model is big).
+        discard(getattr(api_class(self.api_client), method)(manifest["metadata"]["namespace"], manifest,
+                                                            _preload_content=False))
 
     def delete(self, ref: ChildRef) -> None:
+        with self._created_lock:
+            for pending in self._created.values():
+                pending.pop(ref.name, None)
         body = client.V1DeleteOptions(propagation_policy=ref.propagation)
         try:  # plans delete only Jobs (children of a finished step or attempt)
             self.batch.delete_namespaced_job(ref.name, ref.namespace, body=body)
