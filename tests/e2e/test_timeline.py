@@ -30,3 +30,4 @@ def test_a_pods_marks_follow_its_conditions_and_container_states_and_its_log_lin
 
 def test_an_empty_or_untimestamped_log_gives_no_marks():
     assert log_marks("p", "") == [] and log_marks("p", "no stamp here\n") == []
+    assert log_marks("p", "2026-12-01 15:33:00,937 INFO a logger's own time\n") == []
