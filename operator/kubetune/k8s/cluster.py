@@ -44,7 +44,6 @@ class EventPoster:
 
     def __init__(self, threads: int = 4, backlog: int = 10_000):
         self.threads = threads   # the API client's pool holds a connection for each
-        self.threads = threads
         self._queue: queue.Queue[Callable[[], None]] = queue.Queue(backlog)
         for index in range(threads):
             threading.Thread(target=self._serve, daemon=True, name=f"events-{index}").start()
