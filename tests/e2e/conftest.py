@@ -133,14 +133,6 @@ def inputs(site, kubectl, wait_for, namespace, tiny_model_dir) -> Inputs:
 
 
 @pytest.fixture
-def node_agent(cluster):
-    """The local node agent, for tests that act on a pod's processes; they need this machine."""
-    if not cluster.local:
-        pytest.skip("acts on the pods' processes through the local node agent")
-    return cluster.agent
-
-
-@pytest.fixture
 def faults(cluster) -> Faults:
     """Faults on pods that mean the same on the node agent and on real nodes (`faults.py`);
     none act on a remote cluster."""
