@@ -46,6 +46,9 @@ ENV_PREP_SHARDS = "KUBETUNE_PREP_SHARDS"  # N
 # --- files under work_dir --------------------------------------------------------------------
 PROGRESS_FILE = "result/progress.json"
 TRAIN_RESULT_FILE = "result/train.json"
+# A step's folder is complete once its marker is there: each step writes it last.
+DATA_MARKER = "_SUCCESS"             # in data/, by prepare: the data stats
+HF_MARKER = ".kubetune-source.json"  # in hf/, by convert: its source checkpoint (hidden: from_pretrained ignores it)
 
 # --- the progress report of rank 0 (`progress.json` keys and the gauges that carry them) -------
 PROGRESS_PERCENT = "percent"

@@ -24,12 +24,11 @@ from typing import Any, Callable
 
 from . import checkpoints
 from .config import RunConfig
+from .contract import HF_MARKER
 from .errors import UserError
 from .weights_out import kernel_copies
 
 log = logging.getLogger(__name__)
-
-MARKER = ".kubetune-source.json"  # hidden: not a Hugging Face file, ignored by from_pretrained
 
 
 def run_convert(config: RunConfig) -> dict:
@@ -70,7 +69,7 @@ def checkpoint_identity(checkpoint: Path, config: RunConfig) -> dict[str, Any]:
 
 def read_marker(hf_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((hf_dir / MARKER).read_text())
+        return json.loads((hf_dir / HF_MARKER).read_text())
     except (OSError, ValueError):
         return None
 
@@ -100,7 +99,7 @@ def export(checkpoint: Path, out: Path, base_model: str, source: dict[str, Any])
     model.generation_config = generation_config(base_model, model.config)
     with kernel_copies():
         model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
-    (out / MARKER).write_text(json.dumps(source))  # last: its presence means complete
+    (out / HF_MARKER).write_text(json.dumps(source))  # last: its presence means complete
 
 
 def build_model(config_content: dict[str, Any], weights: dict[str, Any]):

@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import RunConfig
-from .contract import TRAIN_RESULT_FILE
-from .convert import MARKER
+from .contract import HF_MARKER, TRAIN_RESULT_FILE
 from .errors import TransientError, UserError
 from .results import write_json_atomically
 from .tracking import RUN_NAME_TAG, RUN_UID_TAG, tracking_uri
@@ -122,7 +121,7 @@ def model_name(register_to: str) -> str:
 
 def converted_folder(config: RunConfig) -> Path:
     hf_dir = Path(config.hf_dir)
-    if not (hf_dir / MARKER).is_file():  # the marker is written last: no marker, no complete folder
+    if not (hf_dir / HF_MARKER).is_file():  # the marker is written last: no marker, no complete folder
         raise UserError(f"no converted model in {hf_dir}: run the convert step first", "ModelFolderMissing")
     return hf_dir
 

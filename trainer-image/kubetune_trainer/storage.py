@@ -23,20 +23,18 @@ from typing import Iterator
 from . import checkpoints
 from .checkpoints import LATEST_PATH, POINTER_SUFFIX
 from .config import RunConfig, is_object_store
-from .contract import ENV_RANK, ENV_SCRATCH_DIR
+from .contract import DATA_MARKER, ENV_RANK, ENV_SCRATCH_DIR, HF_MARKER
 from .errors import TransientError, UserError
 
 log = logging.getLogger(__name__)
-DATA_MARKER = "data/_SUCCESS"
-HF_MARKER = "hf/.kubetune-source.json"
 
 # What each step reads (pointers are followed and their targets pulled) and writes.
 POINTERS = {"train": (LATEST_PATH,), "convert": (LATEST_PATH,), "finalize": (LATEST_PATH,)}
-PULLS = {"prepare": (DATA_MARKER,), "train": ("data", "result"), "convert": ("hf",),
+PULLS = {"prepare": (f"data/{DATA_MARKER}",), "train": ("data", "result"), "convert": ("hf",),
          "register": ("hf", "result"), "finalize": ("hf", "result")}
 PUSHES = {"prepare": ("data",), "train": ("checkpoints", "result"), "convert": ("hf",),
           "register": ("result",), "finalize": ("hf", "result")}
-MARKERS = (DATA_MARKER, HF_MARKER)
+MARKERS = (f"data/{DATA_MARKER}", f"hf/{HF_MARKER}")
 
 
 class Mirror:

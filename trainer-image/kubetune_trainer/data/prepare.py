@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig, is_object_store
-from ..contract import ENV_PREP_SHARD, ENV_PREP_SHARDS
+from ..contract import DATA_MARKER, ENV_PREP_SHARD, ENV_PREP_SHARDS
 from ..errors import UserError
 from ..results import write_json_atomically
 from .analysis import Encoder, Setup, Shard, available_cpus, checked_report, read_part, setup, split_report
@@ -37,7 +37,6 @@ from .parts import Merged, Part, SampleReader, is_done, load_part, merge
 from .store import SplitWriter
 
 log = logging.getLogger(__name__)
-SUCCESS = "_SUCCESS"
 STATS = "stats.json"
 PARTS = "data-parts"  # next to data/ in the work dir
 BLOCK_BYTES = 4 * 2**20  # rows written at a time, per array (small enough to share out evenly)
@@ -55,7 +54,7 @@ def local_dir(uri: str) -> Path:
 
 def completed(data_dir: Path) -> dict[str, Any] | None:
     """The recorded result fields of a finished preparation, or None."""
-    marker = data_dir / SUCCESS
+    marker = data_dir / DATA_MARKER
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
@@ -171,7 +170,7 @@ def write_data(data_dir: Path, config: RunConfig, ready: Setup, parts: dict[str,
         os.replace(temp, data_dir)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    write_json_atomically(data_dir / SUCCESS, fields)
+    write_json_atomically(data_dir / DATA_MARKER, fields)
     return fields
 
 

@@ -17,7 +17,8 @@ from composer.core import DataSpec
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.prepare import SUCCESS, local_dir
+from ..contract import DATA_MARKER
+from ..data.prepare import local_dir
 from ..data.store import PackedArrays, open_split
 from ..errors import UserError
 
@@ -67,7 +68,7 @@ def open_prepared(config_data_dir: str, split: str) -> PackedArrays:
     """Open one split of a finished preparation; a missing one is the user's problem to fix."""
     data_dir = local_dir(config_data_dir)
     folder = data_dir / split
-    if not (data_dir / SUCCESS).is_file() or not (folder / "meta.json").is_file():
+    if not (data_dir / DATA_MARKER).is_file() or not (folder / "meta.json").is_file():
         raise UserError(f"prepared data {folder} is missing or incomplete: run the prepare step first",
                         "PreparedDataMissing")
     arrays = open_split(folder)
