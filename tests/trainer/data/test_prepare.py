@@ -177,24 +177,21 @@ def written(config) -> dict[str, list]:
     return {name: np.asarray(array).tolist() for name, array in split.arrays().items()}
 
 
+def counted(pool_class, starts: list):
+    """`pool_class`, recording each pool's arguments in `starts` as it starts."""
+    class Counted(pool_class):
+        def __init__(self, *args, **kwargs):
+            starts.append(args)
+            super().__init__(*args, **kwargs)
+    return Counted
+
+
 def test_worker_processes_and_shards_write_what_one_process_writes(make_config, tmp_path, monkeypatch):
     monkeypatch.setattr(analysis_module, "CHUNK", 8)  # 64 records: 8 chunks
-    pools = []
-
-    class CountedPool(analysis_module.ProcessPoolExecutor):
-        def __init__(self, *args, **kwargs):
-            pools.append(args)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(analysis_module, "ProcessPoolExecutor", CountedPool)
-    writers = []
-
-    class CountedWriters(prepare_module.ProcessPoolExecutor):
-        def __init__(self, *args, **kwargs):
-            writers.append(args)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", CountedWriters)
+    pools, writers = [], []
+    monkeypatch.setattr(analysis_module, "ProcessPoolExecutor",
+                        counted(analysis_module.ProcessPoolExecutor, pools))
+    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", counted(prepare_module.ProcessPoolExecutor, writers))
     monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 4 * 96 * 2)  # rows written two at a time
     serial = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "serial"), context_length=96)
     expected = run_prepare(serial, processes=1)
