@@ -235,14 +235,48 @@ def cpu_by_process(cp: ControlPlane, operator: subprocess.Popen) -> dict[str, fl
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
-def histogram_quantiles(metrics_text: str, name: str, **match: str) -> dict[str, float | str]:
-    """p50 and p95 of a Prometheus histogram (its series whose labels match `match`, a regex
-    per label, summed) as the upper bound of their bucket, and the count."""
+def memory_mb(pid: int) -> dict[str, float | int]:
+    """A process's resident memory by kind of mapping (/proc/PID/smaps): glibc's main heap, its
+    other arenas (64 MiB-aligned), thread stacks (8 MiB), other anonymous memory (Python's
+    object arenas, large blocks malloc maps alone), files (code, libraries)."""
+    kinds = dict.fromkeys(("heap", "malloc arenas", "thread stacks", "other anonymous", "files"), 0.0)
+    kind = "files"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", fields[0]):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            path = fields[5] if len(fields) > 5 else ""
+            if path == "[heap]":
+                kind = "heap"
+            elif path == "[stack]" or (not path and end - start in (8 << 20, (8 << 20) - 4096)):
+                kind = "thread stacks"
+            elif not path and start % (64 << 20) == 0:
+                kind = "malloc arenas"
+            else:
+                kind = "other anonymous" if not path else "files"
+        elif fields[0] == "Rss:":
+            kinds[kind] += int(fields[1]) / 1024
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"rss": round(int(status["VmRSS"].split()[0]) / 1024, 1), "threads": int(status["Threads"]),
+            **{k: round(v, 1) for k, v in kinds.items()}}
+
+
+def histogram(metrics_text: str, name: str, **match: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative buckets (its series whose labels match `match`, a
+    regex per label, summed): upper bound -> count."""
     summed: dict[float, float] = {}
     for labels, value in re.findall(rf"^{name}_bucket{{([^}}]*)}} (\S+)$", metrics_text, re.MULTILINE):
         named = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         if all(re.fullmatch(pattern, named.get(label, "")) for label, pattern in match.items()):
             summed[float(named["le"])] = summed.get(float(named["le"]), 0.0) + float(value)
+    return summed
+
+
+def histogram_quantiles(metrics_text: str, name: str, since: str = "", **match: str) -> dict[str, float | str]:
+    """p50 and p95 of a Prometheus histogram as the upper bound of their bucket, and the count;
+    given `since` (the same metrics read earlier), of what was observed after that."""
+    earlier = histogram(since, name, **match)
+    summed = {le: n - earlier.get(le, 0.0) for le, n in histogram(metrics_text, name, **match).items()}
     buckets = sorted(summed.items())
     count = buckets[-1][1] if buckets else 0.0
     out: dict[str, float | str] = {"count": count}
@@ -356,9 +390,20 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         busiest = sorted(((v / elapsed, k) for k, v in delta.items() if v > 0), reverse=True)[:6]
 
+        memory_training = memory_mb(operator.pid)
         say(f"releasing the training pods, {rate:.0f}/s")
+        own_before, operator_cpu_before, released = (operator_metrics(metrics_port), cpu_seconds(operator.pid),
+                                                     time.monotonic())
         release(names, fifos, rate)
         wait_until(lambda: len(watcher.trained) == runs, 300 + 5 * runs, "every run Trained")
+        own_trained, operator_cpu_trained = operator_metrics(metrics_port), cpu_seconds(operator.pid)
+        exit_phase = {  # from the first release to the last Trained: where the operator's share went
+            "wall_s": round(time.monotonic() - released, 1),
+            "operator_cpu_s": round(operator_cpu_trained - operator_cpu_before, 1),
+            **{figure: histogram_quantiles(own_trained, metric, since=own_before) for figure, metric in (
+                ("reconcile_wait_s", "kubetune_reconcile_wait_seconds"),
+                ("reconcile_s", "kubetune_reconcile_duration_seconds"),
+                ("status_patch_s", "kubetune_status_patch_seconds"))}}
         wait_until(lambda: len(watcher.succeeded) == runs, 300 + 5 * runs, "every run Succeeded")
         wall = time.time() - time.monotonic()  # the watcher's times are monotonic, `date`'s wall
         exited = {name: float((fifos / f"{name}-train-1-0.exited").read_text()) - wall for name in names}
@@ -391,7 +436,13 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 "exit_to_reported": spread(agent_share),
                 # The operator's share: from the pod's Succeeded reaching the API to status Trained.
                 "reported_to_status": spread(operator_share),
+                # The operator's own histograms over the same span (every tick, not only the
+                # ones an exit woke; bucket bounds), its CPU seconds, and ticks per run.
+                "exit_phase": {**exit_phase, "ticks_per_run": round(
+                    exit_phase["reconcile_s"]["count"] / runs, 1)},
                 "operator_peak_rss_mb": rss,
+                # Resident memory by kind, with every run training, and at the end.
+                "operator_memory_mb": {"training": memory_training, "end": memory_mb(operator.pid)},
                 # CPU seconds each process spent from the first creation to the last Succeeded
                 # (the machine had 2 cores; the pods' own processes are not counted).
                 "cpu_s": {**cpu, "wall": round(time.monotonic() - min(created.values()), 1)},

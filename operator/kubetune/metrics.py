@@ -20,6 +20,10 @@ RECONCILE_WAIT_SECONDS = Histogram("kubetune_reconcile_wait_seconds",
                                    "From a change of a run or its child to the start of its reconcile",
                                    registry=REGISTRY,
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+STATUS_PATCH_SECONDS = Histogram("kubetune_status_patch_seconds",
+                                 "Round trip of one status patch of a run (its share of a reconcile)",
+                                 registry=REGISTRY,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised",
                            ["reason"], registry=REGISTRY)
 EVENTS_DROPPED = Counter("kubetune_events_dropped_total",
@@ -34,6 +38,7 @@ RUN_GPUS = Gauge("kubetune_trainingrun_gpus", "GPUs the run's training pods hold
 
 
 _PHASES: dict[tuple[str, str], str] = {}  # (namespace, name) -> phase, of the runs seen alive
+_COUNTS: dict[tuple[str, str], int] = {}  # (namespace, phase) -> runs, of _PHASES
 _PHASES_LOCK = threading.Lock()
 
 
@@ -44,36 +49,44 @@ def record_gpus(namespace: str, name: str, phase: str, spec: dict) -> None:
 
 
 def record_phase(namespace: str, name: str, phase: str, all_phases: list[str]) -> None:
-    for candidate in all_phases:
-        RUN_PHASE.labels(namespace, name, candidate).set(1 if candidate == phase else 0)
+    """Every reconcile calls it; only a change of phase writes (recounting every run on each
+    call took ~1 ms at 1,000 runs, under a lock all reconciles share)."""
     with _PHASES_LOCK:
+        old = _PHASES.get((namespace, name))
+        if old == phase:
+            return
         _PHASES[(namespace, name)] = phase
-        recount(_PHASES, all_phases)
+        _count(namespace, old, -1)
+        _count(namespace, phase, +1)
+        for candidate in all_phases:
+            RUN_PHASE.labels(namespace, name, candidate).set(1 if candidate == phase else 0)
 
 
 def forget_run(namespace: str, name: str, all_phases: list[str]) -> None:
-    for candidate in all_phases:
-        try:
-            RUN_PHASE.remove(namespace, name, candidate)
-        except KeyError:
-            pass
+    with _PHASES_LOCK:
+        _count(namespace, _PHASES.pop((namespace, name), None), -1)
+        for candidate in all_phases:
+            try:
+                RUN_PHASE.remove(namespace, name, candidate)
+            except KeyError:
+                pass
     try:
         RUN_GPUS.remove(namespace, name)
     except KeyError:
         pass
-    with _PHASES_LOCK:
-        _PHASES.pop((namespace, name), None)
-        recount(_PHASES, all_phases)
 
 
-def recount(phases_by_run: dict[tuple[str, str], str], all_phases: list[str]) -> None:
-    """Runs by phase, recomputed from what is known now (level-triggered, like the rest)."""
-    counts: dict[tuple[str, str], int] = {}
-    for (namespace, _name), phase in phases_by_run.items():
-        counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
-    RUNS_BY_PHASE.clear()
-    for (namespace, phase), count in counts.items():
+def _count(namespace: str, phase: str | None, change: int) -> None:
+    """Move one run into or out of its phase's count; a phase with no runs has no series."""
+    if phase is None:
+        return
+    count = _COUNTS.get((namespace, phase), 0) + change
+    if count:
+        _COUNTS[(namespace, phase)] = count
         RUNS_BY_PHASE.labels(namespace, phase).set(count)
+    else:
+        _COUNTS.pop((namespace, phase), None)
+        RUNS_BY_PHASE.remove(namespace, phase)
 
 
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):

@@ -148,8 +148,9 @@ class Cluster:
                 raise
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        written = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)})
+        with metrics.STATUS_PATCH_SECONDS.time():
+            written = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)})
         self._written[written["metadata"]["uid"]] = written
 
     def delete_run(self, namespace: str, name: str) -> None:

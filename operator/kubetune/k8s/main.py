@@ -23,6 +23,7 @@ from ..tick import ProgressReader
 from . import handlers
 from .cluster import Cluster, EventPoster
 from .informer import ChildInformer
+from .memory import limit_malloc_arenas
 
 log = logging.getLogger("kubetune.operator")
 
@@ -156,6 +157,7 @@ async def wait_synced(informer: ChildInformer, synced: asyncio.Event) -> None:
 
 
 def run_operator(options: RuntimeOptions | None = None) -> int:
+    limit_malloc_arenas()  # before any thread starts
     logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options or RuntimeOptions.from_env()
