@@ -49,8 +49,9 @@ cluster-down: setup
 node-images: setup node
 	$(PY) -m tests.cluster.kubelet_cluster images
 
-# Real nodes for the e2e tests when KUBETUNE_E2E_NODE=kubelet (else the node agent).
-NODE_PREREQ := $(if $(filter kubelet,$(KUBETUNE_E2E_NODE)),node-images,)
+# The e2e tests run on real nodes (the images built and loaded first), unless KUBETUNE_E2E_NODE=agent
+# (the node agent) or KUBETUNE_E2E_KUBECONFIG names a cluster of your own.
+NODE_PREREQ := $(if $(filter agent,$(KUBETUNE_E2E_NODE))$(KUBETUNE_E2E_KUBECONFIG),,node-images)
 
 # What the tests share, made once before the lanes start, so no two lanes build or install it at once.
 test-tools: setup

@@ -4,10 +4,11 @@ Load it with `pytest_plugins = ["tests.cluster.fixtures"]` in the root conftest 
 fixtures). Fixtures:
 
 - `cluster` (session): a `Cluster`. By default a local control plane (etcd, kube-apiserver,
-  kube-controller-manager built from Go modules) plus the test node agent; with
-  KUBETUNE_E2E_NODE=kubelet, real nodes instead (`kubelet_cluster.py`: kubelets on containerd,
-  kube-scheduler, kube-proxy, CoreDNS, the project's images; no fallback: if they cannot start,
-  the session fails saying what is missing). With
+  kube-controller-manager built from Go modules) on real nodes (`kubelet_cluster.py`: kubelets on
+  containerd, kube-scheduler, kube-proxy, CoreDNS, the project's images; no fallback: if they
+  cannot start, the session fails saying what is missing); with KUBETUNE_E2E_NODE=agent, the
+  same control plane with the node agent (`node_agent.py`) instead, as the control-plane
+  benchmark runs it. With
   KUBETUNE_E2E_KUBECONFIG set, that cluster instead (no agent); its current context must be
   listed in KUBETUNE_E2E_CONTEXTS (comma-separated) or be a kind-* context.
 - `kubectl` (session): `kubectl(*args, input=None, check=True, timeout=120)` runs the real
@@ -48,7 +49,8 @@ from .node import NodeError
 from .node_agent import NodeAgent
 
 ENV_KUBECONFIG, ENV_CONTEXTS = "KUBETUNE_E2E_KUBECONFIG", "KUBETUNE_E2E_CONTEXTS"
-ENV_NODE = "KUBETUNE_E2E_NODE"   # "agent" (the default) or "kubelet"
+ENV_NODE = "KUBETUNE_E2E_NODE"   # "kubelet" (the default) or "agent"
+NODE_KINDS = ("kubelet", "agent")
 NODES = 2   # the 2-node training test crosses a real pod network
 
 
@@ -137,7 +139,10 @@ def start_local_cluster(workdir: Path) -> Cluster:
         pytest.skip("no Go toolchain to build the control plane and no KUBETUNE_CLUSTER_BIN")
     bin_dir = binaries.control_plane_bin_dir()
     tools = binaries.tools_dir()
-    if os.environ.get(ENV_NODE, "agent") == "kubelet":
+    node = os.environ.get(ENV_NODE) or NODE_KINDS[0]
+    if node not in NODE_KINDS:
+        raise pytest.UsageError(f"{ENV_NODE}={node!r}: use one of {', '.join(NODE_KINDS)}")
+    if node == "kubelet":
         return start_kubelet_cluster(workdir, tools)
     started = time.monotonic()   # the one-time build is not counted as startup
     cp = ControlPlane(bin_dir, workdir / "control-plane").start()

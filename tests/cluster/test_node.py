@@ -24,7 +24,7 @@ TERMINATION_LOG = "/dev/termination-log"
 @pytest.fixture(scope="module")
 def kubelets(cluster):
     if not cluster.kubelets:
-        pytest.skip("needs real nodes (KUBETUNE_E2E_NODE=kubelet)")
+        pytest.skip("needs this machine's real nodes (the default; not KUBETUNE_E2E_NODE=agent)")
     return cluster.kubelets
 
 

@@ -213,7 +213,7 @@ def test_a_kubelet_and_containerd_restarted_and_a_deleted_pod_mid_training_leave
     from mlflow import MlflowClient
 
     if not faults.real_nodes:
-        pytest.skip("restarts a kubelet and containerd: needs real nodes (KUBETUNE_E2E_NODE=kubelet)")
+        pytest.skip("restarts a kubelet and containerd: needs this machine's real nodes (the default; not KUBETUNE_E2E_NODE=agent)")
     name, model = "weather", f"main.e2e.node_faults_{namespace[-6:]}"
     create(kubectl, namespace, name, tiny_spec(inputs, LONG_DATA, trainingDuration="3ep", backoffLimit=1,
                                                registerTo=model))

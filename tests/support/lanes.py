@@ -4,7 +4,8 @@ Most of an end-to-end test's wall time is spent waiting (for a pod to start, a J
 operator to react), so two e2e lanes, each with its own control plane, operator and MLflow server
 (the session fixtures), overlap their waits with each other and with the CPU-bound unit and trainer
 tests. Every test file lands in exactly one lane: `core` is everything outside tests/e2e and
-tests/cluster, `e2e-b` is tests/e2e minus the files `e2e-a` names, so a new file is never missed.
+tests/cluster, `e2e-b` is tests/e2e minus the files `e2e-a` names, so a new file is never missed;
+`agent` runs the cluster harness tests once more on the node agent.
 
     python -m tests.support.lanes [--jobs N] [pytest args...]
 
@@ -20,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,7 @@ E2E_A = ["tests/e2e/test_helm_chart.py", "tests/e2e/test_controls.py", "tests/e2
 class Lane:
     name: str
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def lanes() -> list[Lane]:
@@ -45,6 +47,9 @@ def lanes() -> list[Lane]:
         Lane("e2e-a", e2e_a),
         Lane("e2e-b", ["tests/e2e", *(f"--ignore={path}" for path in e2e_a)]),
         Lane("core", ["tests", "--ignore=tests/e2e", "--ignore=tests/cluster"]),
+        # The e2e lanes run on real nodes; the node agent, which the control-plane benchmark runs
+        # hundreds of pods on, is held to the same harness tests.
+        Lane("agent", ["tests/cluster/test_harness.py"], {"KUBETUNE_E2E_NODE": "agent"}),
     ]
 
 
@@ -55,7 +60,7 @@ def start(lane: Lane, pytest_args: list[str]) -> tuple[subprocess.Popen, Path]:
     argv = [sys.executable, "-m", "pytest", f"--basetemp={basetemp}", *pytest_args, *lane.args]
     # Many torch processes side by side on few cores: one thread each, or their thread pools
     # spin against each other (the node agent passes this on to the pods it runs).
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **lane.env}
     out = log.open("w")
     proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)   # its own group: Ctrl-C stops all it started
