@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubetune_trainer.data.packing import Sample, pack, pack_samples, packing_efficiency
+from kubetune_trainer.data.packing import Sample, pack, pack_compact, pack_samples, packing_efficiency
 from kubetune_trainer.data.store import IGNORE_INDEX
 
 
@@ -41,6 +41,42 @@ def test_every_sample_lands_in_exactly_one_bin_that_fits(case):
     loads = [sum(lengths[i] for i in members) for members in bins]
     assert sum(2 * load <= capacity for load in loads) <= 1
     assert pack(lengths, capacity) == bins  # deterministic
+
+
+def one_by_one(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing as defined, a sample at a time: longest first (ties by index), each
+    into the bin with the least room that fits it, the one longest at that room first."""
+    bins: list[list[int]] = []
+    rooms: dict[int, list[int]] = {}  # room -> bins, in the order they came to it
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fitting = [room for room in rooms if rooms[room] and room >= lengths[index]]
+        if fitting:
+            number = rooms[min(fitting)].pop(0)
+            room = min(fitting)
+        else:
+            number, room = len(bins), capacity
+            bins.append([])
+        bins[number].append(index)
+        rooms.setdefault(room - lengths[index], []).append(number)
+    return bins
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40).flatmap(
+    lambda capacity: st.tuples(st.just(capacity), st.lists(st.integers(1, capacity), max_size=80))))
+def test_a_run_of_equal_lengths_placed_at_once_packs_as_one_by_one(case):
+    capacity, lengths = case
+    assert pack(lengths, capacity) == one_by_one(lengths, capacity)
+
+
+def test_skewed_lengths_pack_as_one_by_one():
+    # Runs of equal lengths, rooms several samples fit in, bins left part-filled between runs.
+    rng = np.random.default_rng(3)
+    for capacity in (64, 512, 2048):
+        lengths = np.clip(rng.lognormal(np.log(capacity / 12), 1.0, 3000).astype(int), 1, capacity).tolist()
+        order, bounds = pack_compact(lengths, capacity)
+        bins = [order[bounds[b]:bounds[b + 1]].tolist() for b in range(len(bounds) - 1)]
+        assert bins == one_by_one(lengths, capacity)
 
 
 def sample(ids, mask):

@@ -11,7 +11,6 @@ produces groups similar lengths, which does not matter: the trainer's sampler sh
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,29 +39,78 @@ def pack_compact(lengths: Sequence[int] | np.ndarray, capacity: int) -> tuple[np
     if len(bad):
         raise ValueError(f"sample {bad[0]} has length {lengths[bad[0]]}, outside 1..{capacity}")
     by_length = np.lexsort((np.arange(len(lengths)), -lengths))  # longest first, ties by index
-    bin_of = np.empty(len(lengths), dtype=np.int64)  # per sample of by_length
-    rooms: list[int] = []  # sorted distinct free rooms that some bin has
-    bins_by_room: dict[int, deque[int]] = {}  # room -> bin numbers, oldest first
-    count = 0
-    for position, length in enumerate(lengths[by_length].tolist()):
-        slot = bisect.bisect_left(rooms, length)
-        if slot < len(rooms):
-            room = rooms[slot]
-            number = bins_by_room[room].popleft()
-            if not bins_by_room[room]:
-                del bins_by_room[room]
-                rooms.pop(slot)
-        else:
-            room, number, count = capacity, count, count + 1
-        bin_of[position] = number
-        left = room - length
-        if left > 0:
-            if left not in bins_by_room:
-                bisect.insort(rooms, left)
-            bins_by_room.setdefault(left, deque()).append(number)
-    order = by_length[np.argsort(bin_of, kind="stable")]
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=count))]).astype(np.int64)
+    sorted_lengths = lengths[by_length]
+    firsts = np.flatnonzero(np.diff(sorted_lengths, prepend=0))  # where each run of one length starts
+    bins = BestFit(capacity, len(lengths))
+    for length, first, last in zip(sorted_lengths[firsts].tolist(), firsts.tolist(),
+                                   np.append(firsts[1:], len(lengths)).tolist()):
+        bins.place(length, first, last - first)
+    order = by_length[np.argsort(bins.bin_of, kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(bins.bin_of, minlength=bins.count))]).astype(np.int64)
     return order, bounds
+
+
+class BestFit:
+    """Best-fit bins, filled a run of equal lengths at a time, with the result of placing its
+    samples one by one (each in the bin with the least room that fits it, the longest-waiting of
+    those, else a new bin) but in a step per room instead of one per sample (~10x faster).
+
+    Why a room at a time works: within a run of length L, the bin taking a sample is left with
+    the least room that still fits the next one as long as its room is >= L, so it takes
+    room // L samples in a row; its room then falls below L, where no sample of the run looks.
+    The bins of one room thus take room // L samples each, oldest first, before the next room's."""
+
+    def __init__(self, capacity: int, samples: int):
+        self.capacity = capacity
+        self.bin_of = np.empty(samples, dtype=np.int64)  # per sample, in the order placed
+        self.count = 0  # bins opened
+        self.rooms: list[int] = []  # sorted distinct free rooms that some bin has
+        self.bins_by_room: dict[int, list[int]] = {}  # room -> bin numbers, longest-waiting first
+
+    def place(self, length: int, position: int, samples: int) -> None:
+        """Samples `position .. position + samples - 1` (in placing order), all of `length`."""
+        moves: list[tuple[int, list[int]]] = []  # (room left, bins), in the order they got there
+        slot = bisect.bisect_left(self.rooms, length)
+        while samples and slot < len(self.rooms):
+            room = self.rooms[slot]
+            waiting = self.bins_by_room[room]
+            each = room // length
+            full = min(len(waiting), samples // each)  # bins that take `each` samples
+            rest = samples - full * each if full < len(waiting) else 0  # the next bin's share
+            taken = full + (rest > 0)
+            position = self.assign(position, waiting[:full], each, rest, waiting[full] if rest else None)
+            samples -= full * each + rest
+            moves.append((room - each * length, waiting[:full]))
+            if rest:
+                moves.append((room - rest * length, [waiting[full]]))
+            if taken < len(waiting):
+                self.bins_by_room[room] = waiting[taken:]
+            else:
+                del self.bins_by_room[room]
+                self.rooms.pop(slot)  # `slot` now names the next larger room
+        if samples:  # new bins, each filled until the run's length no longer fits
+            each = self.capacity // length
+            full, rest = divmod(samples, each)
+            new = list(range(self.count, self.count + full + (rest > 0)))
+            self.count += len(new)
+            self.assign(position, new[:full], each, rest, new[full] if rest else None)
+            moves.append((self.capacity - each * length, new[:full]))
+            if rest:
+                moves.append((self.capacity - rest * length, [new[full]]))
+        for room, moved in moves:  # rooms below `length` (or the last bin's): none taken above
+            if room and moved:
+                if room not in self.bins_by_room:
+                    bisect.insort(self.rooms, room)
+                    self.bins_by_room[room] = []
+                self.bins_by_room[room].extend(moved)
+
+    def assign(self, position: int, bins: list[int], each: int, rest: int, last: int | None) -> int:
+        """`each` samples to every bin of `bins`, then `rest` to `last`; the next position."""
+        end = position + len(bins) * each
+        self.bin_of[position:end] = np.repeat(np.asarray(bins, dtype=np.int64), each)
+        if rest:
+            self.bin_of[end:end + rest] = last
+        return end + rest
 
 
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
