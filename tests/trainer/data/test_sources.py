@@ -13,7 +13,7 @@ import pytest
 
 from kubetune_trainer.config import TaskType
 from kubetune_trainer.data.records import Unreadable
-from kubetune_trainer.data.sources import hub_dataset_name, local_files, read_records, record_chunks, relative
+from kubetune_trainer.data.sources import hub_dataset_name, hidden, local_files, read_records, record_chunks, relative
 from kubetune_trainer.errors import UserError
 
 from .conftest import BROKEN, EXAMPLES
@@ -178,6 +178,14 @@ def test_text_files_travel_unread_and_are_read_with_their_size_checked(tmp_path)
 ])
 def test_paths_under_the_root_are_cut_as_relpath_would(path, root, expected):
     assert relative(path, root) == expected
+
+
+@pytest.mark.parametrize("path, root", [
+    ("/d/a.txt", "/d"), ("/d/.a.txt", "/d"), ("/d/x/.y/a.txt", "/d"), ("/d/x.y/a.txt", "/d"), ("/d/x/a.", "/d"),
+    ("/d/.x/a.txt", "/d/.x"), ("/e/a.txt", "/d"), ("/d/a..txt", "/d"), ("/d/x/..y", "/d"),
+])
+def test_hidden_means_a_part_below_the_root_starts_with_a_dot(path, root):
+    assert hidden(path, root) == any(part.startswith(".") for part in relative(path, root).split("/"))
 
 
 def test_a_local_folder_lists_what_fsspec_finds(tmp_path):

@@ -98,7 +98,9 @@ def relative(path: str, root: str) -> str:
 
 
 def hidden(path: str, root: str) -> bool:
-    return any(part.startswith(".") for part in relative(path, root).split("/"))
+    """A part of the path below `root` starts with a dot (string tests: 50,000 files are listed)."""
+    rest = relative(path, root)
+    return rest.startswith(".") or "/." in rest
 
 
 def file_tree(uri: str) -> FileTree:
