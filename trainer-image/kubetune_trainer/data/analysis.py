@@ -33,9 +33,9 @@ from .encoding import Render, chat_renderer, encode_batch, positions
 from .modelinfo import check_chat_template, load_tokenizer, model_max_context, resolve_context_length
 from .packing import pack_compact, packing_efficiency
 from .parts import ChunkResult, Merged, Part, PartWriter, merge
+from .read_ahead import Checked, Pickled, ReadAhead, checked, reads_ahead
 from .records import Location, Problem
 from .report import DataStats, PrepFailed, PrepReport, SplitReport
-from .rules import check
 from .sources import Chunk, record_chunks
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,16 @@ class Encoder:
         render = chat_renderer(tokenizer) if task == TaskType.CHAT_COMPLETION else None
         return cls(task, tokenizer, context_length, render)
 
-    def process(self, index: int, chunk: Chunk) -> ChunkResult:
-        examples, positions_kept, broken = [], [], []  # positions: records' places in the chunk
-        for position, value in enumerate(chunk.values()):
-            checked = check(self.task, value)
-            if isinstance(checked, str):
-                broken.append((position, checked))
-            else:
-                examples.append(checked)
-                positions_kept.append(position)
-        encoded = encode_batch(self.tokenizer, examples, self.render)
-        broken += [(positions_kept[number], reason) for number, reason in encoded.refusals.items()]
+    def process(self, index: int, chunk: Chunk | Pickled) -> ChunkResult:
+        if isinstance(chunk, Pickled):  # read and checked ahead, while the tokenizer loaded
+            chunk = chunk.load()
+        if not isinstance(chunk, Checked):
+            chunk = checked(self.task, chunk)
+        encoded = encode_batch(self.tokenizer, chunk.examples, self.render)
+        broken = chunk.broken + [(chunk.kept[number], reason) for number, reason in encoded.refusals.items()]
         broken.sort(key=lambda pair: pair[0])
         problems = [Problem(chunk.location(position), rule) for position, rule in broken]
-        return self.truncated(index, encoded, lambda number: chunk.location(positions_kept[number]), problems)
+        return self.truncated(index, encoded, lambda number: chunk.location(chunk.kept[number]), problems)
 
     def truncated(self, index: int, encoded, where: Callable[[int], Location],
                   problems: list[Problem]) -> ChunkResult:
@@ -163,15 +159,26 @@ class Shard:
     count: int = 1
 
 
+def shard_chunks(config: RunConfig, uri: str, shard: Shard) -> Iterator[tuple[int, Chunk]]:
+    return own_chunks(record_chunks(uri, config.task_type, CHUNK, config.max_record_bytes), shard.number, shard.count)
+
+
 def read_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folder: Path | None,
-              processes: int | None = None) -> Part:
+              processes: int | None = None, ahead: ReadAhead | None = None) -> Part:
     """This shard's chunks of one split: counted, and with a folder written to a part there.
-    `processes`: worker processes, by default one per available CPU."""
+    `processes`: worker processes, by default one per available CPU; `ahead`: the reader of
+    the split's first chunks, started before the tokenizer loaded."""
     writer = PartWriter(folder, config.max_reported_errors)
-    mine = own_chunks(record_chunks(uri, config.task_type, CHUNK, config.max_record_bytes), shard.number, shard.count)
-    for result in chunk_results(encoder, mine, processes or available_cpus()):
+    first = ahead.take() if ahead else []
+    for result in chunk_results(encoder, chain(first, rest_of(config, uri, shard, len(first))),
+                                processes or available_cpus()):
         writer.add(result)
     return writer.close()
+
+
+def rest_of(config: RunConfig, uri: str, shard: Shard, skip: int) -> Iterator[tuple[int, Chunk]]:
+    """The shard's chunks after its first `skip` (read ahead); listed only once those are sent."""
+    yield from islice(shard_chunks(config, uri, shard), skip, None)
 
 
 def split_report(split: str, uri: str, merged: Merged,
@@ -203,19 +210,33 @@ class Setup:
     tokenizer: Any
     context_length: int
     sources: dict[str, str]  # split -> uri
+    ahead: ReadAhead | None = None  # the reader of the train split's first chunks (see `read_ahead`)
+
+    def close(self) -> None:
+        """Stop the reader if nothing took its chunks (a finished part, a failure)."""
+        if self.ahead is not None:
+            self.ahead.close()
 
 
-def setup(config: RunConfig) -> Setup:
+def setup(config: RunConfig, shard: Shard | None = None) -> Setup:
     check_confined(config)
     if config.validate_inputs:
         check_custom_weights(config.custom_weights_path)
-    tokenizer = load_tokenizer(config.model)
-    check_chat_template(config, tokenizer)
-    context_length = resolve_context_length(config.context_length, model_max_context(config.model, tokenizer))
-    sources = {"train": config.train_data_path}
+    shard = shard or Shard()
+    uri = config.train_data_path
+    ahead = ReadAhead(config.task_type, lambda: shard_chunks(config, uri, shard)) if reads_ahead(uri) else None
+    try:
+        tokenizer = load_tokenizer(config.model)
+        check_chat_template(config, tokenizer)
+        context_length = resolve_context_length(config.context_length, model_max_context(config.model, tokenizer))
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
+    sources = {"train": uri}
     if config.eval_data_path:
         sources["eval"] = config.eval_data_path
-    return Setup(tokenizer, context_length, sources)
+    return Setup(tokenizer, context_length, sources, ahead)
 
 
 def checked_report(config: RunConfig, context_length: int, splits: dict[str, SplitReport]) -> PrepReport:
@@ -229,10 +250,13 @@ def analyze(config: RunConfig, processes: int | None = None) -> PrepReport:
     """The pre-flight: validate, tokenize and pack, write nothing; raises PrepFailed (a
     DataValidationFailed) on bad records."""
     ready = setup(config)
-    encoder = Encoder.load(config.model, config.task_type, ready.context_length, ready.tokenizer)
-    splits = {}
-    for split, uri in ready.sources.items():
-        part = read_part(config, uri, encoder, Shard(), None, processes)
-        merged = merge([part], config.max_reported_errors)
-        splits[split] = split_report(split, uri, merged, ready.context_length)[0]
+    try:
+        encoder = Encoder.load(config.model, config.task_type, ready.context_length, ready.tokenizer)
+        splits = {}
+        for split, uri in ready.sources.items():
+            part = read_part(config, uri, encoder, Shard(), None, processes, ready.ahead if split == "train" else None)
+            merged = merge([part], config.max_reported_errors)
+            splits[split] = split_report(split, uri, merged, ready.context_length)[0]
+    finally:
+        ready.close()
     return checked_report(config, ready.context_length, splits)

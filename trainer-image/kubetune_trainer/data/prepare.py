@@ -34,6 +34,7 @@ from ..results import write_json_atomically
 from .analysis import Encoder, Setup, Shard, available_cpus, checked_report, read_part, setup, split_report
 from .packing import empty_arrays, fill_block
 from .parts import Merged, Part, SampleReader, is_done, load_part, merge
+from .read_ahead import ReadAhead
 from .store import SplitWriter
 
 log = logging.getLogger(__name__)
@@ -179,13 +180,13 @@ def part_folder(root: Path, split: str, shard: Shard) -> Path:
 
 
 def write_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folder: Path,
-               processes: int | None) -> None:
+               processes: int | None, ahead: ReadAhead | None = None) -> None:
     """This shard's part of a split, written atomically; a finished one is kept."""
     if is_done(folder):
         return
     temp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        read_part(config, uri, encoder, shard, temp, processes)
+        read_part(config, uri, encoder, shard, temp, processes, ahead)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(temp, folder)
     finally:
@@ -214,11 +215,15 @@ def run_prepare(config: RunConfig, shard: Shard | None = None, processes: int | 
     if done is not None:
         log.info("data already prepared in %s: not redone", data_dir)
         return done if shard.number == 0 else {}
-    ready = setup(config)
-    encoder = Encoder.load(config.model, config.task_type, ready.context_length, ready.tokenizer)
+    ready = setup(config, shard)
     root = data_dir.with_name(PARTS)
-    for split, uri in ready.sources.items():
-        write_part(config, uri, encoder, shard, part_folder(root, split, shard), processes)
+    try:
+        encoder = Encoder.load(config.model, config.task_type, ready.context_length, ready.tokenizer)
+        for split, uri in ready.sources.items():
+            write_part(config, uri, encoder, shard, part_folder(root, split, shard), processes,
+                       ready.ahead if split == "train" else None)
+    finally:
+        ready.close()
     if shard.number != 0:
         return {}
     folders = {split: [part_folder(root, split, Shard(number, shard.count)) for number in range(shard.count)]
