@@ -13,7 +13,8 @@ import pytest
 
 from kubetune_trainer.config import TaskType
 from kubetune_trainer.data.records import Unreadable
-from kubetune_trainer.data.sources import hub_dataset_name, hidden, local_files, read_records, record_chunks, relative
+from kubetune_trainer.data.sources import (hidden, hub_dataset_name, local_bytes, local_files, read_records,
+                                           record_chunks, relative)
 from kubetune_trainer.errors import UserError
 
 from .conftest import BROKEN, EXAMPLES
@@ -186,6 +187,14 @@ def test_paths_under_the_root_are_cut_as_relpath_would(path, root, expected):
 ])
 def test_hidden_means_a_part_below_the_root_starts_with_a_dot(path, root):
     assert hidden(path, root) == any(part.startswith(".") for part in relative(path, root).split("/"))
+
+
+def test_a_local_file_is_read_whole_unless_over_the_limit(tmp_path):
+    for size in (0, 1, 4096, 3 * 2**20 + 7):
+        (tmp_path / "doc.txt").write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        assert local_bytes(str(tmp_path / "doc.txt"), size) == (tmp_path / "doc.txt").read_bytes()
+    refused = local_bytes(str(tmp_path / "doc.txt"), 100)
+    assert isinstance(refused, Unreadable) and "is 3,145,735 bytes, over the limit of 100 bytes" in refused.rule
 
 
 def test_a_local_folder_lists_what_fsspec_finds(tmp_path):

@@ -62,9 +62,7 @@ class FileTree:
         """A text file's bytes, or Unreadable: over `limit` bytes (then not read) or not readable."""
         try:
             if self.local:
-                with open(path, "rb", buffering=0) as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    return too_big("file", size, limit) if size > limit else handle.readall()
+                return local_bytes(path, limit)
             size = self.fs.size(path)
             if size is not None and size > limit:
                 return too_big("file", size, limit)
@@ -72,6 +70,26 @@ class FileTree:
                 return handle.read()
         except OSError as error:
             return unreadable(error)
+
+
+def local_bytes(path: str, limit: int) -> Any:
+    """A local file's bytes, or Unreadable when over `limit`: sized on the open file, then read
+    in one call that also meets the end (half the system calls and objects of `open`: a
+    pre-training set is many small files)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(handle).st_size
+        if size > limit:
+            return too_big("file", size, limit)
+        data = os.read(handle, size + 1)
+        if len(data) <= size:  # the end: nothing more (the common case)
+            return data
+        parts = [data]  # it grew since: read on to the end, as a plain read would
+        while part := os.read(handle, BLOCK):
+            parts.append(part)
+        return b"".join(parts)
+    finally:
+        os.close(handle)
 
 
 def local_files(root: str) -> list[str]:
