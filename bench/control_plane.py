@@ -14,13 +14,17 @@ Figures, in one run:
 - API requests per second at steady state: `apiserver_request_total` (the API server's own
   counter, every client) read before and after a window while every run trains, with the
   biggest resource/verb pairs;
-- the operator's peak RSS (VmHWM of its process);
+- the operator's peak RSS (VmHWM of its process), and its resident memory by kind of mapping
+  with every run training and at the end; with `--trace-memory`, where its Python objects were
+  allocated (tracemalloc in the operator, which slows it: latencies of such a run do not count);
 - a training pod's exit → the run's status showing it (condition Trained), p50 / p95: pods are
-  released at a steady rate, each writing the time it exits.
+  released at a steady rate, each writing the time it exits; beside it the node agent's and the
+  operator's shares, and over the same span the operator's own histograms (reconcile wait,
+  reconcile, status patch round trip), its CPU seconds and its reconciles per run.
 
     make bench-control-plane RUNS=200   (or: .venv/bin/python bench/control_plane.py --runs 200
                                           [--window 60] [--release-rate 20] [--create-rate 20]
-                                          [--kcm-qps 20])
+                                          [--kcm-qps 20] [--trace-memory])
 
 `--create-rate` paces the creations (default: all at once, 8 client threads). `--kcm-qps` is the
 kube-controller-manager's client QPS (its default, 20 a controller, lets the Job controller
@@ -287,19 +291,48 @@ def histogram_quantiles(metrics_text: str, name: str, since: str = "", **match: 
 
 
 def operator_metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
         return response.read().decode()
 
 
-def start_operator(kubeconfig: Path, work: Path, fifos: Path, metrics_port: int) -> subprocess.Popen:
+# `--trace-memory`: the operator under tracemalloc, writing a snapshot when sent SIGUSR1.
+# Traced from after the imports (~100 MB that do not grow with the runs; importing the client
+# under tracemalloc takes minutes).
+TRACED_OPERATOR = """
+import signal, sys, tracemalloc
+from kubetune.cli import main
+import kubetune.k8s.main
+tracemalloc.start(10)
+signal.signal(signal.SIGUSR1, lambda *_: tracemalloc.take_snapshot().dump(sys.argv[1]))
+sys.exit(main(["operator"]))
+"""
+OWN_CODE = ("/kubetune/", "/kubetune_trainer/", "/kopf/", "/kubernetes/", "/aiohttp/", "/prometheus_client/")
+
+
+def memory_by_origin(snapshot: Path, top: int = 15) -> list[tuple[str, float]]:
+    """MB still allocated, by the innermost frame in the operator's code or its libraries (a
+    JSON decoder's allocation counts where the JSON was read)."""
+    import tracemalloc
+
+    by_site: dict[str, float] = {}
+    for trace in tracemalloc.Snapshot.load(str(snapshot)).traces:
+        frame = next((f for f in trace.traceback if any(part in f.filename for part in OWN_CODE)),
+                     trace.traceback[0])
+        site = f"{frame.filename.split('site-packages/')[-1].split('/operator/')[-1]}:{frame.lineno}"
+        by_site[site] = by_site.get(site, 0.0) + trace.size / 2**20
+    return [(site, round(mb, 1)) for site, mb in sorted(by_site.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def start_operator(kubeconfig: Path, work: Path, fifos: Path, metrics_port: int,
+                   traced: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "default",
            "KUBETUNE_TRAINER_COMMAND": json.dumps(["sh", "-c", step_script(fifos), "step"]),
            "KUBETUNE_STORAGE_URI": str(work / "storage"), "KUBETUNE_STORAGE_CLAIM_NAME": "",
            "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port), "KUBETUNE_LOG_LEVEL": "WARNING",
            "PYTHONUNBUFFERED": "1"}
     log = open(work / "operator.log", "ab")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    command = ["-c", TRACED_OPERATOR, str(traced)] if traced else ["-m", "kubetune.cli", "operator"]
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def release(runs: list[str], fifos: Path, rate: float) -> None:
@@ -339,8 +372,17 @@ def kcm_flags(qps: float) -> tuple[str, ...]:
     return (f"--kube-api-qps={qps:g}", f"--kube-api-burst={2 * qps:g}", "--concurrent-job-syncs=50")
 
 
+def traced_memory(operator: subprocess.Popen, snapshot: Path) -> list[tuple[str, float]]:
+    operator.send_signal(signal.SIGUSR1)
+    wait_until(lambda: snapshot.exists() and snapshot.stat().st_size > 0, 120, "the operator's tracemalloc snapshot")
+    time.sleep(2)  # dump() may still be writing
+    found = memory_by_origin(snapshot)
+    say(f"the operator's traced memory, MB by where it was allocated: {found}")
+    return found
+
+
 def measure(runs: int, window: float, rate: float, work: Path, create_rate: float = 0.0,
-            kcm_qps: float = 0.0) -> dict:
+            kcm_qps: float = 0.0, trace_memory: bool = False) -> dict:
     fifos = work / "fifos"
     fifos.mkdir(parents=True)
     names = [f"bench-{i:04d}" for i in range(runs)]
@@ -366,7 +408,8 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         api_client = config.new_client_from_config(config_file=str(cp.kubeconfig))
         watcher = Watcher(api_client).start()
         metrics_port = free_port()
-        operator = start_operator(cp.kubeconfig, work, fifos, metrics_port)
+        snapshot = work / "operator.tracemalloc" if trace_memory else None
+        operator = start_operator(cp.kubeconfig, work, fifos, metrics_port, snapshot)
         time.sleep(5)  # the operator elects itself and lists what there is
         load_before, counts_at_start = load_average(), request_counts(cp)
         cpu_at_start = cpu_by_process(cp, operator)
@@ -391,6 +434,7 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         busiest = sorted(((v / elapsed, k) for k, v in delta.items() if v > 0), reverse=True)[:6]
 
         memory_training = memory_mb(operator.pid)
+        traced = traced_memory(operator, snapshot) if snapshot else None
         say(f"releasing the training pods, {rate:.0f}/s")
         own_before, operator_cpu_before, released = (operator_metrics(metrics_port), cpu_seconds(operator.pid),
                                                      time.monotonic())
@@ -443,6 +487,7 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 "operator_peak_rss_mb": rss,
                 # Resident memory by kind, with every run training, and at the end.
                 "operator_memory_mb": {"training": memory_training, "end": memory_mb(operator.pid)},
+                **({"operator_traced_mb_training": traced} if traced else {}),
                 # CPU seconds each process spent from the first creation to the last Succeeded
                 # (the machine had 2 cores; the pods' own processes are not counted).
                 "cpu_s": {**cpu, "wall": round(time.monotonic() - min(created.values()), 1)},
@@ -473,13 +518,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--create-rate", type=float, default=0.0, help="runs created per second (0: at once)")
     parser.add_argument("--kcm-qps", type=float, default=0.0,
                         help="kube-controller-manager client QPS (0: its default, 20)")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="run the operator under tracemalloc and report where its memory is, every run "
+                             "training (slower: its latencies are not comparable)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the cluster on the way out
     # Not under /tmp: the node agent maps a pod's /tmp mount onto its own folder.
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="control-plane-", dir=CACHE))
     try:
-        figures = measure(args.runs, args.window, args.release_rate, work, args.create_rate, args.kcm_qps)
+        figures = measure(args.runs, args.window, args.release_rate, work, args.create_rate, args.kcm_qps,
+                          args.trace_memory)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(yaml.safe_dump(figures, sort_keys=False))

@@ -120,6 +120,24 @@ def test_the_store_keeps_each_runs_children_by_kind():
     assert store.children("ns", "r")["pods"] == []
 
 
+def test_a_change_of_what_the_reconcile_never_reads_is_no_news():
+    store = ChildStore()
+    pod = {**child("r-train-1-0"), "spec": {"nodeName": ""}, "status": {"phase": "Pending"}}
+    assert store.put("pods", copy.deepcopy(pod)) == ("ns", "r")
+    bound = {**copy.deepcopy(pod), "spec": {"nodeName": "n"}}
+    bound["metadata"].update(resourceVersion="2", finalizers=["batch.kubernetes.io/job-tracking"])
+    bound["status"].update(startTime="2026-12-01T00:00:00Z", hostIP="10.0.0.1", conditions=[{"type": "PodScheduled"}])
+    assert store.put("pods", bound) is None  # bound, tracked, scheduled: nothing observe reads
+    assert store.children("ns", "r")["pods"][0]["metadata"]["resourceVersion"] == "2"  # still the newest copy
+    running = copy.deepcopy(bound)
+    running["metadata"]["resourceVersion"], running["status"]["phase"] = "3", "Running"
+    assert store.put("pods", running) == ("ns", "r")
+    job = {**child("r-train-1"), "status": {"active": 1}}
+    assert store.put("jobs", copy.deepcopy(job)) == ("ns", "r")
+    assert store.put("jobs", {**copy.deepcopy(job), "status": {"active": 1, "ready": 1}}) is None
+    assert store.put("jobs", {**copy.deepcopy(job), "status": {"active": 0, "succeeded": 1}}) == ("ns", "r")
+
+
 def test_a_fresh_list_replaces_the_copy_and_names_the_runs_that_changed():
     store = ChildStore()
     for name, run in (("a-prep", "a"), ("b-prep", "b"), ("c-prep", "c")):
@@ -161,6 +179,24 @@ def test_the_run_decided_on_is_never_older_than_our_own_last_write():
     assert cluster.newest(stale) is stale  # our write is forgotten once the watch passed it
 
 
+def test_only_the_echo_of_our_own_last_status_patch_is_no_news_and_it_ends_our_copy():
+    cluster = Cluster(ChildStore(), client.ApiClient(client.Configuration()))  # never connects
+    cluster.custom = Patching({**run_at("12", "Training"), "metadata": {
+        **run_at("12", "Training")["metadata"], "managedFields": [{"manager": "kubetune"}]}})
+    assert not cluster.watched(run_at("11", "PreparingData"))
+    cluster.patch_status("ns", "r", {"phase": "Training"})
+    stale = run_at("11", "PreparingData")
+    assert "managedFields" not in cluster.newest(stale)["metadata"]  # our copy: what is read of it
+    assert not cluster.watched(stale) and cluster.newest(stale) is not stale
+    assert cluster.watched(run_at("12", "Training"))  # the echo: the watch caught up
+    assert cluster.newest(stale) is stale  # our copy is gone with it
+    assert cluster.watched(run_at("12", "Training"))  # delivered again (a relist): still ours
+    assert not cluster.watched(run_at("13", "Training"))  # kopf's finalizer, a user's edit
+    assert not cluster.watched({**run_at("12", "Training"), "metadata": {"uid": "other", "resourceVersion": "12"}})
+    cluster.forget("u")
+    assert not cluster.watched(run_at("12", "Training"))
+
+
 def test_a_poke_is_timed_from_the_first_change_until_its_reconcile_takes_it():
     wakeups = Wakeups()
     event = wakeups.event("ns", "r")
@@ -184,13 +220,14 @@ def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
     job = {"metadata": {"name": "r-train-2", "namespace": "ns", "labels": labels, "resourceVersion": "7"},
            "spec": {"suspend": False, "completions": 2, "parallelism": 2,
                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}},
-           "status": {"active": 1, "succeeded": 1,
-                      "conditions": [{"type": "SuccessCriteriaMet", "status": "False"}]}}
+           "status": {"active": 1, "succeeded": 1, "ready": 1, "terminating": 0, "startTime": "2026-12-01T00:00:00Z",
+                      "uncountedTerminatedPods": {}, "conditions": [{"type": "SuccessCriteriaMet", "status": "False"}]}}
     owner = [{"apiVersion": "batch/v1", "kind": "Job", "name": "r-train-2", "uid": "j", "controller": True}]
     pod = {"metadata": {"name": "r-train-2-0-x", "namespace": "ns", "labels": labels, "resourceVersion": "8",
-                        "annotations": {"batch.kubernetes.io/job-completion-index": "0"}, "ownerReferences": owner},
+                        "annotations": {"batch.kubernetes.io/job-completion-index": "0"}, "ownerReferences": owner,
+                        "finalizers": ["batch.kubernetes.io/job-tracking"]},
            "spec": {"containers": [container], "nodeName": "n"},
-           "status": {"phase": "Succeeded", "podIP": "10.0.0.2",
+           "status": {"phase": "Succeeded", "podIP": "10.0.0.2", "hostIP": "10.0.0.1", "qosClass": "BestEffort",
                       "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
                       "containerStatuses": [
                {"name": "trainer", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
@@ -204,6 +241,10 @@ def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
     kept = store.children("ns", "r")
     assert "spec" not in kept["pods"][0] and "template" not in kept["jobs"][0]["spec"]
     assert "conditions" not in kept["pods"][0]["status"] and "ownerReferences" not in kept["pods"][0]["metadata"]
+    assert set(kept["pods"][0]["status"]) == {"phase", "podIP", "containerStatuses"}
+    assert set(kept["jobs"][0]["status"]) == {"active", "succeeded", "conditions"}
+    assert kept["jobs"][0]["spec"] == {"suspend": False, "completions": 2}
+    assert "finalizers" not in kept["pods"][0]["metadata"]
     assert set(kept["services"][0]) == {"metadata"}
     assert kept["jobs"][0]["spec"]["completions"] == 2
     assert observe(jobs=kept["jobs"], pods=kept["pods"], services=kept["services"]) == full

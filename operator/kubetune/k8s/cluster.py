@@ -80,6 +80,7 @@ class Cluster:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.events = events or EventPoster()
         self._written: dict[str, dict[str, Any]] = {}  # uid -> the run as our last patch left it
+        self._own_version: dict[str, str] = {}  # uid -> the resourceVersion our last patch made
         # (namespace, run) -> name -> (when, store kind, manifest): created, not yet watched
         self._created: dict[tuple[str, str], dict[str, tuple[float, str, Mapping[str, Any]]]] = {}
         self._created_lock = threading.Lock()
@@ -112,8 +113,17 @@ class Cluster:
             return run
         return written
 
+    def watched(self, run: Mapping[str, Any]) -> bool:
+        """The watch delivered this copy of a run: our last write's copy is kept no longer.
+        True when it is the copy our last status patch made, its echo: the tick that wrote it
+        decided on everything else it holds, and deciding again asks for nothing more."""
+        meta = run.get("metadata") or {}
+        self.newest(run)
+        return bool(meta.get("resourceVersion")) and self._own_version.get(meta.get("uid", "")) == meta["resourceVersion"]
+
     def forget(self, uid: str) -> None:
         self._written.pop(uid, None)
+        self._own_version.pop(uid, None)
 
     def create(self, manifest: Mapping[str, Any]) -> None:
         meta = manifest["metadata"]
@@ -151,7 +161,9 @@ class Cluster:
         with metrics.STATUS_PATCH_SECONDS.time():
             written = self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)})
+        written["metadata"].pop("managedFields", None)  # never read; more than half of it
         self._written[written["metadata"]["uid"]] = written
+        self._own_version[written["metadata"]["uid"]] = written["metadata"]["resourceVersion"]
 
     def delete_run(self, namespace: str, name: str) -> None:
         try:

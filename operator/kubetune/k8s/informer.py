@@ -37,23 +37,42 @@ def run_key(obj: dict[str, Any]) -> Key | None:
     return (meta.get("namespace", ""), run) if run else None
 
 
+# What `observe` reads of a pod's and a Job's status; the rest changes without news for it (a
+# pod's start time and host IPs, the Job controller's counts of ready and terminating pods).
+POD_STATUS_READ = ("phase", "reason", "message", "podIP", "containerStatuses", "initContainerStatuses")
+JOB_STATUS_READ = ("active", "succeeded", "failed", "conditions")
+JOB_SPEC_READ = ("suspend", "completions")
+
+
 def slim(kind: str, obj: dict[str, Any]) -> None:
-    """Drop what the reconcile never reads and most of the bytes are: managed fields and owner
-    references, a pod's spec and conditions, a Job's pod template, all of a Service but its
-    metadata (`observe` reads metadata, a pod's phase and container states, a Job's status,
-    suspend and completions, that a Service exists). A thousand runs' children then take
-    ~40 MB."""
+    """Drop what the reconcile never reads and most of the bytes are: managed fields, owner
+    references and finalizers, a pod's spec and most of its status, most of a Job's spec and
+    status, all of a Service but its metadata (`observe` reads metadata, a pod's
+    phase and container states, a Job's status counts and conditions, suspend and completions,
+    that a Service exists). A thousand runs' children then take ~30 MB."""
     meta = obj.get("metadata") or {}
-    meta.pop("managedFields", None)
-    meta.pop("ownerReferences", None)
+    for unread in ("managedFields", "ownerReferences", "finalizers"):
+        meta.pop(unread, None)
     if kind == "pods":
         obj.pop("spec", None)
-        (obj.get("status") or {}).pop("conditions", None)
+        keep(obj, "status", POD_STATUS_READ)
     elif kind == "jobs":
-        (obj.get("spec") or {}).pop("template", None)
+        keep(obj, "spec", JOB_SPEC_READ)
+        keep(obj, "status", JOB_STATUS_READ)
     elif kind == "services":
         obj.pop("spec", None)
         obj.pop("status", None)
+
+
+def keep(obj: dict[str, Any], part: str, read: tuple[str, ...]) -> None:
+    if obj.get(part):
+        obj[part] = {key: obj[part][key] for key in read if key in obj[part]}
+
+
+def same(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Equal but for the resourceVersion, which every write moves."""
+    return ({**old, "metadata": {**old["metadata"], "resourceVersion": ""}}
+            == {**new, "metadata": {**new["metadata"], "resourceVersion": ""}})
 
 
 class ChildStore:
@@ -69,12 +88,17 @@ class ChildStore:
                     for kind, runs in self._by_run.items()}
 
     def put(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        """The run `obj` is a child of; None when it is none's, or when what the reconcile reads
+        of it did not change (a finalizer, a binding, a count of ready pods): no news."""
         key = run_key(obj)
-        if key is not None:
-            slim(kind, obj)
-            with self._lock:
-                self._by_run[kind].setdefault(key, {})[obj["metadata"]["name"]] = obj
-        return key
+        if key is None:
+            return None
+        slim(kind, obj)
+        with self._lock:
+            named = self._by_run[kind].setdefault(key, {})
+            old = named.get(obj["metadata"]["name"])
+            named[obj["metadata"]["name"]] = obj
+        return None if old is not None and same(old, obj) else key
 
     def remove(self, kind: str, obj: dict[str, Any]) -> Key | None:
         key = run_key(obj)
