@@ -45,7 +45,7 @@ def test_chunks_read_ahead_are_the_chunks_checked_in_the_parent(make_config, mon
         assert (got.examples, got.kept, got.broken) == (chunk.examples, chunk.kept, chunk.broken)
         assert [got.location(position) for position in range(len(got))] == \
                [chunk.location(position) for position in range(len(chunk))]
-    assert ahead.take() is taken and no_reader_left(ahead)
+    assert ahead.take() == [] and no_reader_left(ahead)  # handed over once
 
 
 def test_the_reader_holds_a_bounded_amount(make_config, monkeypatch):
@@ -66,8 +66,14 @@ def test_a_reader_that_fails_leaves_the_reading_to_the_parent(make_config, tmp_p
 
 def test_prepare_writes_and_reports_the_same_with_chunks_read_ahead_or_not(make_config, tmp_path, monkeypatch):
     monkeypatch.setattr(analysis_module, "CHUNK", 8)  # several chunks: some read ahead, the rest by the parent
-    taken = []
-    monkeypatch.setattr(ReadAhead, "take", lambda self, take=ReadAhead.take: taken.append(take(self)) or taken[-1])
+    taken, take = [], ReadAhead.take
+
+    def recorded(self):
+        chunks = take(self)
+        taken.append(list(chunks))  # a copy: prepare drops them from its list as it sends them
+        return chunks
+
+    monkeypatch.setattr(ReadAhead, "take", recorded)
     ahead = make_config(EXAMPLES / "chat.jsonl", CHAT, work_dir=str(tmp_path / "ahead"), context_length=96)
     with_reader = run_prepare(ahead, processes=2)
     assert taken and all(isinstance(chunk, Pickled) for _, chunk in taken[0]) and taken[0][0][0] == 0

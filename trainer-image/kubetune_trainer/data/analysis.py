@@ -33,7 +33,7 @@ from .encoding import Render, chat_renderer, encode_batch, positions
 from .modelinfo import check_chat_template, load_tokenizer, model_max_context, resolve_context_length
 from .packing import pack_compact, packing_efficiency
 from .parts import ChunkResult, Merged, Part, PartWriter, merge
-from .read_ahead import Checked, Pickled, ReadAhead, checked, reads_ahead
+from .read_ahead import Checked, Pickled, ReadAhead, checked, handed_over, reads_ahead
 from .records import Location, Problem
 from .report import DataStats, PrepFailed, PrepReport, SplitReport
 from .sources import Chunk, record_chunks
@@ -170,8 +170,8 @@ def read_part(config: RunConfig, uri: str, encoder: Encoder, shard: Shard, folde
     the split's first chunks, started before the tokenizer loaded."""
     writer = PartWriter(folder, config.max_reported_errors)
     first = ahead.take() if ahead else []
-    for result in chunk_results(encoder, chain(first, rest_of(config, uri, shard, len(first))),
-                                processes or available_cpus()):
+    rest = rest_of(config, uri, shard, skip=len(first))
+    for result in chunk_results(encoder, chain(handed_over(first), rest), processes or available_cpus()):
         writer.add(result)
     return writer.close()
 

@@ -17,14 +17,14 @@ import os
 import pickle
 import select
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..config import TaskType
 from .records import Location
 from .rules import check
 from .sources import DELTA_LOG, Chunk, JsonLines
 
-MAX_BYTES = 64 * 2**20  # of checked chunks (pickled) the reader holds at most
+MAX_BYTES = 32 * 2**20  # of checked chunks (pickled) the reader holds at most (~0.9 s of its reading)
 
 
 @dataclass
@@ -87,23 +87,32 @@ class ReadAhead:
             _read(task, chunks, stop_read, results_write)
         os.close(stop_read)
         os.close(results_write)
-        self._taken: list[tuple[int, Pickled]] | None = None
+        self._taken = False
 
     def take(self) -> list[tuple[int, Pickled]]:
-        """(chunk number, chunk) for the chunks read so far, the first ones of this shard; the
-        reader stops (a chunk at most later) and is gone when this returns."""
-        if self._taken is None:
-            os.close(self._stop)  # the reader sees the end of this pipe: stop
-            with os.fdopen(self._results, "rb") as results:
-                data = results.read()
-            os.waitpid(self._pid, 0)
-            try:
-                self._taken = pickle.loads(data) if data else []
-            except Exception:  # a reader that died halfway: the parent reads everything itself
-                self._taken = []
-        return self._taken
+        """(chunk number, chunk) for the chunks read so far, the first ones of this shard, once
+        (then none); the reader stops (a chunk at most later) and is gone when this returns."""
+        if self._taken:
+            return []
+        self._taken = True
+        os.close(self._stop)  # the reader sees the end of this pipe: stop
+        with os.fdopen(self._results, "rb") as results:
+            data = results.read()
+        os.waitpid(self._pid, 0)
+        try:
+            return pickle.loads(data) if data else []
+        except Exception:  # a reader that died halfway: the parent reads everything itself
+            return []
 
-    close = take
+    def close(self) -> None:
+        self.take()
+
+
+def handed_over(chunks: list[tuple[int, Pickled]]) -> Iterator[tuple[int, Pickled]]:
+    """The chunks in order, each dropped from the list as it is handed over (they hold records)."""
+    chunks.reverse()
+    while chunks:
+        yield chunks.pop()
 
 
 def _read(task: TaskType, chunks: Callable[[], Iterable[tuple[int, Chunk]]], stop: int, out: int) -> None:
