@@ -326,6 +326,14 @@ def test_only_mirrored_events_go_out_as_kubernetes_events():
     for type_ in (EventType.CREATED, EventType.VALIDATED, EventType.REGISTERED, EventType.COMPLETED):
         cluster.post_event(run_at("1", "Pending"), PlannedEvent(type_, "m", "t"), now)
     assert len(queued) == 2  # Created and Completed; their siblings say nothing more
+    sent = []
+    cluster.core = type("Core", (), {"create_namespaced_event": lambda self, namespace, body, **_: sent.append(body)
+                                     or type("Reply", (), {"read": lambda _: b"", "release_conn": lambda _: None})()})()
+    queued[0]()
+    assert sent[0].involved_object.name == "r" and sent[0].involved_object.resource_version == "1"
+    assert sent[0].reason == "Created" and sent[0].metadata.namespace == "ns"
+    held = [cell.cell_contents for cell in queued[0].__closure__ if isinstance(cell.cell_contents, dict)]
+    assert held and all("status" not in d for d in held)  # a queued Event holds no copy of the run's body
     assert not PlannedEvent(EventType.VALIDATED, "m", "t").mirrored
     assert PlannedEvent(EventType.FAILED, "m", "t").mirrored
 

@@ -175,10 +175,12 @@ class Cluster:
     def post_event(self, run: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
         """Mirror a typed run event as a Kubernetes Event on the TrainingRun, soon (queued)."""
         if event.mirrored:
-            self.events.submit(lambda: self._post_event(run, event, now))
+            # Only what the Event names of the run: a backlog of thousands under load must not
+            # hold as many old copies of runs' bodies.
+            meta = {key: run["metadata"].get(key) for key in ("name", "namespace", "uid", "resourceVersion")}
+            self.events.submit(lambda: self._post_event(meta, event, now))
 
-    def _post_event(self, run: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
-        meta = run["metadata"]
+    def _post_event(self, meta: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
             involved_object=client.V1ObjectReference(
