@@ -216,8 +216,7 @@ class NodeAgent:
             t.join(timeout=5 if t.name.endswith("work") else 0.5)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.reports.shutdown(wait=False, cancel_futures=True)
-        for run in list(self.runs.values()):
-            kill_all(run, signal.SIGKILL)
+        kill_runs(list(self.runs.values()), signal.SIGKILL)
         self.selector.close()
         for fd in [self._wake_r, self._wake_w] + [fd for run in self.runs.values() for fd in run.pidfds.values()]:
             os.close(fd)
@@ -827,12 +826,20 @@ def signal_marked(marks: list[str], sig: int) -> None:
 
 
 def kill_all(run: PodRun, sig: int) -> None:
-    for proc in run.procs.values():
-        signal_group(proc.pid, sig)
-    signal_marked([container_mark(run, name) for name in run.procs], sig)
-    if sig == signal.SIGKILL:
+    kill_runs([run], sig)
+
+
+def kill_runs(runs: list[PodRun], sig: int) -> None:
+    """Signal every process of `runs`, with one pass over /proc for all of them (a pass a pod
+    took minutes to stop 1,000 pods)."""
+    for run in runs:
         for proc in run.procs.values():
-            proc.wait()
+            signal_group(proc.pid, sig)
+    signal_marked([container_mark(run, name) for run in runs for name in run.procs], sig)
+    if sig == signal.SIGKILL:
+        for run in runs:
+            for proc in run.procs.values():
+                proc.wait()
 
 
 def write_file(path: Path, data: bytes, mode: int | None) -> None:
