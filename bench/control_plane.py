@@ -316,8 +316,8 @@ def memory_by_origin(snapshot: Path, top: int = 15) -> list[tuple[str, float]]:
 
     by_site: dict[str, float] = {}
     for trace in tracemalloc.Snapshot.load(str(snapshot)).traces:
-        frame = next((f for f in trace.traceback if any(part in f.filename for part in OWN_CODE)),
-                     trace.traceback[0])
+        frame = next((f for f in reversed(trace.traceback) if any(part in f.filename for part in OWN_CODE)),
+                     trace.traceback[-1])  # frames run from the oldest to the newest
         site = f"{frame.filename.split('site-packages/')[-1].split('/operator/')[-1]}:{frame.lineno}"
         by_site[site] = by_site.get(site, 0.0) + trace.size / 2**20
     return [(site, round(mb, 1)) for site, mb in sorted(by_site.items(), key=lambda kv: -kv[1])[:top]]
