@@ -9,7 +9,9 @@ import functools
 import logging
 import os
 import socket
+import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -173,9 +175,7 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
     metrics.LEADER.set(1)
     kopf_stop = threading.Event()
     if elector is not None:  # leadership lost: stop acting at once, let the Deployment restart us
-        threading.Thread(target=lambda: (elector.lost.wait(), health.lost(), metrics.LEADER.set(0),
-                                         kopf_stop.set()),
-                         daemon=True).start()
+        threading.Thread(target=leave_when_lost, args=(elector, health, kopf_stop), daemon=True).start()
     kopf.on.startup()(functools.partial(configure_kopf, namespaced=bool(options.namespaces)))
     kopf.on.login(id="kubetune-login")(login)
     kopf.on.startup(id="kubetune-health")(lambda **_: health.started())
@@ -226,6 +226,34 @@ def run_operator(options: RuntimeOptions | None = None) -> int:
 
     asyncio.run(run_kopf())
     stop.set()
-    if elector is not None and not elector.lost.is_set():
+    if elector is not None and elector.lost.is_set():
+        exit_now(EXIT_LOST_LEASE)
+    if elector is not None:
         elector.release()  # a rolling update's next replica leads at once, not after the lease
-    return 1 if elector is not None and elector.lost.is_set() else 0
+    return 0
+
+
+EXIT_LOST_LEASE = 1
+LOST_LEASE_GRACE_S = 5.0
+
+
+def leave_when_lost(elector, health: Health, kopf_stop: threading.Event) -> None:
+    """Leadership lost: no graceful shutdown (as controller-runtime skips it then). kopf is
+    asked to stop, and the process exits within a few seconds whatever its threads are doing:
+    another replica may already act, and a reconcile still in flight is cut as a crash would be."""
+    elector.lost.wait()
+    health.lost()
+    metrics.LEADER.set(0)
+    kopf_stop.set()
+    time.sleep(LOST_LEASE_GRACE_S)
+    exit_now(EXIT_LOST_LEASE)
+
+
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: threads blocked on the API server (a watch, a
+    pool's request) would hold it up, or abort it, when they wake into a finalizing runtime."""
+    log.error("leader election: lease lost, exiting (%d) for a restart", code)
+    logging.shutdown()  # flushes the handlers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
