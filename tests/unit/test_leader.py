@@ -107,3 +107,27 @@ def test_elector_holds_refuses_a_rival_and_releases_on_shutdown():
     assert api.lease.spec.holder_identity is None
     assert second.try_acquire() and api.lease.spec.holder_identity == "second"
     assert api.lease.spec.lease_transitions == 1
+
+
+LOSES_ITS_LEASE = r"""
+import threading, types
+from kubetune.health import Health
+from kubetune.k8s import main
+
+main.LOST_LEASE_GRACE_S = 0.2
+stuck = threading.Thread(target=threading.Event().wait)   # a request that never returns
+stuck.start()
+elector = types.SimpleNamespace(lost=threading.Event())
+kopf_stop = threading.Event()
+elector.lost.set()
+main.leave_when_lost(elector, Health(), kopf_stop)
+"""
+
+
+def test_a_replica_that_lost_its_lease_exits_1_even_with_a_thread_stuck_on_a_request():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LOSES_ITS_LEASE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "lease lost, exiting (1)" in proc.stderr
