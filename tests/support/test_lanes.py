@@ -26,7 +26,10 @@ def test_each_test_file_runs_in_exactly_one_lane_on_real_nodes():
     assert sorted(counted) == sorted(every)
 
 
-def test_the_node_agent_lane_runs_the_harness_tests_on_the_agent():
+def test_the_node_agent_lane_runs_the_harness_tests_and_what_real_nodes_cannot_serve():
     (agent,) = [lane for lane in lanes.lanes() if lane.name == "agent"]
     assert agent.env == {"KUBETUNE_E2E_NODE": "agent"}
     assert files_of(agent) == {"tests/cluster/test_harness.py"}
+    for test_id in lanes.AGENT_ONLY:   # each names a test that exists
+        path, name = test_id.split("::")
+        assert test_id in agent.args and f"def {name}(" in (lanes.REPO / path).read_text()
