@@ -141,7 +141,7 @@ def start_local_cluster(workdir: Path) -> Cluster:
     tools = binaries.tools_dir()
     node = os.environ.get(ENV_NODE) or NODE_KINDS[0]
     if node not in NODE_KINDS:
-        raise pytest.UsageError(f"{ENV_NODE}={node!r}: use one of {', '.join(NODE_KINDS)}")
+        pytest.fail(f"{ENV_NODE}={node!r}: use one of {', '.join(NODE_KINDS)}", pytrace=False)
     if node == "kubelet":
         return start_kubelet_cluster(workdir, tools)
     started = time.monotonic()   # the one-time build is not counted as startup

@@ -5,7 +5,8 @@ operator to react), so two e2e lanes, each with its own control plane, operator 
 (the session fixtures), overlap their waits with each other and with the CPU-bound unit and trainer
 tests. Every test file lands in exactly one lane: `core` is everything outside tests/e2e and
 tests/cluster, `e2e-b` is tests/e2e minus the files `e2e-a` names, so a new file is never missed;
-`agent` runs the cluster harness tests once more on the node agent.
+`agent` runs the cluster harness tests once more on the node agent, and the e2e tests real
+nodes here cannot serve (`AGENT_ONLY`).
 
     python -m tests.support.lanes [--jobs N] [pytest args...]
 
