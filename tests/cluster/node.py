@@ -356,10 +356,21 @@ class Nodes:
             time.sleep(0.5)
         raise NodeError(f"node {node.name} not Ready after {timeout:.0f}s; see {node.kubelet.log}")
 
-    def advertise_gpus(self, node: Node) -> None:
-        """A fake extended resource, so GPU requests schedule; the trainer runs on CPU here."""
+    def advertise_gpus(self, node: Node, timeout: float = 30) -> None:
+        """A fake extended resource, so GPU requests schedule; the trainer runs on CPU here.
+
+        Returns once the node's allocatable shows it: the kubelet derives allocatable from
+        capacity only at its next status sync, so a run or test started before would not schedule."""
         patch = json.dumps({"status": {"capacity": {GPU_RESOURCE: GPUS_PER_NODE}}})
         self._kubectl("patch", "node", node.name, "--subresource=status", "--type=merge", "-p", patch)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = self.control_plane.api_get(f"/api/v1/nodes/{node.name}")
+            if status == 200 and json.loads(body)["status"].get("allocatable", {}).get(GPU_RESOURCE) == GPUS_PER_NODE:
+                return
+            time.sleep(0.5)
+        raise NodeError(f"node {node.name}'s allocatable has no {GPU_RESOURCE} {timeout:.0f}s after "
+                        f"its capacity was patched; see {node.kubelet.log}")
 
     def _start_proxy(self, timeout: float) -> None:
         cp = self.control_plane

@@ -115,7 +115,11 @@ CLIENT = """
 def test_pods_on_two_nodes_meet_by_headless_dns_and_reach_services(kubelets, kubectl, namespace, wait_for):
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "mesh"},
                "spec": {"clusterIP": "None", "selector": {"app": "server"}, "ports": [{"port": 8080}]}}
-    server = python_pod(kubelets, "server", SERVER, node=0, hostname="server", subdomain="mesh")
+    # Ready only once it listens: the headless name resolves from then on, and not before the
+    # server binds (its Python start takes seconds), so the client's first GET finds it serving.
+    listening = {"tcpSocket": {"port": 8080}, "periodSeconds": 1}
+    server = python_pod(kubelets, "server", SERVER, node=0, hostname="server", subdomain="mesh",
+                        container={"readinessProbe": listening})
     client = python_pod(kubelets, "client", CLIENT.format(ns=namespace, log=TERMINATION_LOG), node=1)
     apply(kubectl, namespace, service, server, client)
 
