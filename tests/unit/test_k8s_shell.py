@@ -151,14 +151,20 @@ def test_a_fresh_list_replaces_the_copy_and_names_the_runs_that_changed():
     assert store.children("other", "d")["jobs"] != []
 
 
-class Patching:
-    """Stands in for CustomObjectsApi: the patch returns the object as the API server would."""
+class Answering:
+    """Stands in for the REST client: records each request and answers `answer`, as the API
+    server answers a status patch with the object it wrote."""
 
-    def __init__(self, answer: dict):
-        self.answer = answer
+    def __init__(self, answer: dict | None = None):
+        self.answer, self.sent = answer or {}, []
 
-    def patch_namespaced_custom_object_status(self, *args):
+    def json(self, method, path, **options):
+        self.sent.append((method, path, options))
         return self.answer
+
+    def send(self, method, path, **options):
+        self.sent.append((method, path, options))
+        return b"{}"
 
 
 def run_at(rv: str, phase: str) -> dict:
@@ -168,8 +174,11 @@ def run_at(rv: str, phase: str) -> dict:
 
 def test_the_run_decided_on_is_never_older_than_our_own_last_write():
     cluster = Cluster(ChildStore(), client.ApiClient(client.Configuration()))  # never connects
-    cluster.custom = Patching(run_at("12", "Training"))
+    cluster.rest = Answering(run_at("12", "Training"))
     cluster.patch_status("ns", "r", {"phase": "Training"})
+    assert cluster.rest.sent == [("PATCH", "/apis/kubetune.dev/v1alpha1/namespaces/ns/trainingruns/r/status",
+                                  {"body": {"status": {"phase": "Training"}},
+                                   "content_type": "application/merge-patch+json"})]
     stale = run_at("11", "PreparingData")  # the watch has not delivered our write yet
     assert cluster.newest(stale)["status"]["phase"] == "Training"
     caught_up = run_at("12", "Training")
@@ -181,7 +190,7 @@ def test_the_run_decided_on_is_never_older_than_our_own_last_write():
 
 def test_only_the_echo_of_our_own_last_status_patch_is_no_news_and_it_ends_our_copy():
     cluster = Cluster(ChildStore(), client.ApiClient(client.Configuration()))  # never connects
-    cluster.custom = Patching({**run_at("12", "Training"), "metadata": {
+    cluster.rest = Answering({**run_at("12", "Training"), "metadata": {
         **run_at("12", "Training")["metadata"], "managedFields": [{"manager": "kubetune"}]}})
     assert not cluster.watched(run_at("11", "PreparingData"))
     cluster.patch_status("ns", "r", {"phase": "Training"})
@@ -326,12 +335,15 @@ def test_only_mirrored_events_go_out_as_kubernetes_events():
     for type_ in (EventType.CREATED, EventType.VALIDATED, EventType.REGISTERED, EventType.COMPLETED):
         cluster.post_event(run_at("1", "Pending"), PlannedEvent(type_, "m", "t"), now)
     assert len(queued) == 2  # Created and Completed; their siblings say nothing more
-    sent = []
-    cluster.core = type("Core", (), {"create_namespaced_event": lambda self, namespace, body, **_: sent.append(body)
-                                     or type("Reply", (), {"read": lambda _: b"", "release_conn": lambda _: None})()})()
+    cluster.rest = Answering()
     queued[0]()
-    assert sent[0].involved_object.name == "r" and sent[0].involved_object.resource_version == "1"
-    assert sent[0].reason == "Created" and sent[0].metadata.namespace == "ns"
+    [(method, path, options)] = cluster.rest.sent
+    assert (method, path) == ("POST", "/api/v1/namespaces/ns/events")
+    sent = options["body"]
+    assert sent["involvedObject"] == {"apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun", "name": "r",
+                                      "namespace": "ns", "uid": "u", "resourceVersion": "1"}
+    assert sent["reason"] == "Created" and sent["metadata"] == {"generateName": "r.", "namespace": "ns"}
+    assert sent["firstTimestamp"] == sent["lastTimestamp"] == now.strftime("%Y-%m-%dT%H:%M:%SZ")
     held = [cell.cell_contents for cell in queued[0].__closure__ if isinstance(cell.cell_contents, dict)]
     assert held and all("status" not in d for d in held)  # a queued Event holds no copy of the run's body
     assert not PlannedEvent(EventType.VALIDATED, "m", "t").mirrored
@@ -389,8 +401,10 @@ def test_a_child_we_created_stands_in_until_the_watch_delivers_it():
 def test_a_stand_in_goes_with_a_delete_its_time_or_a_conflict(monkeypatch):
     cluster = Creating()
     cluster.create(job_manifest("r-train-1"))
-    cluster.batch = type("Batch", (), {"delete_namespaced_job": lambda *a, **k: None})()
+    cluster.rest = Answering()
     cluster.delete(ChildRef("Job", "r-train-1", "ns"))
+    assert cluster.rest.sent == [("DELETE", "/apis/batch/v1/namespaces/ns/jobs/r-train-1",
+                                  {"body": {"propagationPolicy": "Foreground"}})]
     assert cluster.children("ns", "r")["jobs"] == []
     cluster.create(job_manifest("r-train-2"))
     monkeypatch.setattr(time, "monotonic", lambda: float("inf"))  # CREATED_TTL has passed

@@ -48,3 +48,40 @@ def test_threads_started_after_the_cap_share_the_main_arena():
 
 def test_an_explicit_malloc_arena_max_stands():
     assert limit_malloc_arenas(2, environ={"MALLOC_ARENA_MAX": "4"}) is False
+
+
+# In a fresh interpreter: free an 8 MiB block, then hold a 1 MiB one; glibc's count of bytes in
+# blocks mapped on their own (mallinfo2's hblkhd) says where the 1 MiB went.
+THRESHOLD_PROBE = """
+import ctypes, json, sys
+from kubetune.k8s.memory import fix_mmap_threshold
+fixed = fix_mmap_threshold() if sys.argv[1] == "fix" else None
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+before = libc.mallinfo2().hblkhd
+big = bytearray(8 << 20)
+del big
+held = bytearray(1 << 20)
+print(json.dumps({"fixed": fixed, "mapped": libc.mallinfo2().hblkhd - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_large_block_stays_a_mapping_of_its_own_after_a_larger_one_was_freed():
+    def run(mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", THRESHOLD_PROBE, mode], capture_output=True, text=True,
+                              timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True)
+        return json.loads(done.stdout)
+
+    dynamic, fixed = run("free"), run("fix")
+    assert dynamic["mapped"] < 1 << 20, dynamic  # glibc's own rule: the 1 MiB went into the heap
+    assert fixed == {"fixed": True, "mapped": fixed["mapped"]} and fixed["mapped"] >= 1 << 20, fixed
+
+
+def test_an_explicit_mmap_threshold_stands():
+    from kubetune.k8s.memory import fix_mmap_threshold
+
+    assert fix_mmap_threshold(environ={"MALLOC_MMAP_THRESHOLD_": "131072"}) is False

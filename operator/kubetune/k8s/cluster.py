@@ -22,17 +22,15 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from .. import metrics
-from ..api import GROUP, KIND, PLURAL, VERSION
+from ..api import API_VERSION, KIND, PLURAL
 from ..manifests import LABEL_RUN
 from ..reconcile import ChildRef, PlannedEvent
-from .informer import ChildStore
+from ..timestamps import timestamp
+from .informer import KINDS, ChildStore
+from .rest import MERGE_PATCH, Rest, collection, member
 
 log = logging.getLogger("kubetune.k8s")
-CREATORS = {  # kind -> (api class, create method, the store's name of the kind)
-    "ConfigMap": (client.CoreV1Api, "create_namespaced_config_map", "config_maps"),
-    "Service": (client.CoreV1Api, "create_namespaced_service", "services"),
-    "Job": (client.BatchV1Api, "create_namespaced_job", "jobs"),
-}
+STORE_KIND = {"ConfigMap": "config_maps", "Service": "services", "Job": "jobs"}  # what a tick creates
 CREATED_TTL = 30.0  # seconds a child we created stands in for the watch's copy, at most
 
 
@@ -74,10 +72,7 @@ class Cluster:
     def __init__(self, store: ChildStore, api_client: client.ApiClient | None = None,
                  events: EventPoster | None = None):
         self.store = store
-        self.api_client = api_client or client.ApiClient()
-        self.core = client.CoreV1Api(self.api_client)
-        self.batch = client.BatchV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
+        self.rest = Rest(api_client or client.ApiClient())
         self.events = events or EventPoster()
         self._written: dict[str, dict[str, Any]] = {}  # uid -> the run as our last patch left it
         self._own_version: dict[str, str] = {}  # uid -> the resourceVersion our last patch made
@@ -137,37 +132,35 @@ class Cluster:
         if run:
             with self._created_lock:
                 self._created.setdefault((meta["namespace"], run), {})[meta["name"]] = (
-                    time.monotonic(), CREATORS[manifest["kind"]][2], manifest)
+                    time.monotonic(), STORE_KIND[manifest["kind"]], manifest)
 
     def _post(self, manifest: Mapping[str, Any]) -> None:
-        api_class, method, _ = CREATORS[manifest["kind"]]
-        # The reply is not read into the client's typed model: nothing uses it, and that costs
-        # more CPU than the request (a Job's model is big).
-        discard(getattr(api_class(self.api_client), method)(manifest["metadata"]["namespace"], manifest,
-                                                            _preload_content=False))
+        api_version, plural = KINDS[STORE_KIND[manifest["kind"]]]
+        self.rest.send("POST", collection(api_version, plural, manifest["metadata"]["namespace"]),
+                       body=manifest)  # the reply is not read: nothing uses it
 
     def delete(self, ref: ChildRef) -> None:
         with self._created_lock:
             for pending in self._created.values():
                 pending.pop(ref.name, None)
-        body = client.V1DeleteOptions(propagation_policy=ref.propagation)
         try:  # plans delete only Jobs (children of a finished step or attempt)
-            self.batch.delete_namespaced_job(ref.name, ref.namespace, body=body)
+            self.rest.send("DELETE", member(*KINDS["jobs"], ref.namespace, ref.name),
+                           body={"propagationPolicy": ref.propagation})
         except ApiException as error:
             if error.status != 404:
                 raise
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         with metrics.STATUS_PATCH_SECONDS.time():
-            written = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)})
+            written = self.rest.json("PATCH", member(API_VERSION, PLURAL, namespace, name, "status"),
+                                     body={"status": dict(status)}, content_type=MERGE_PATCH)
         written["metadata"].pop("managedFields", None)  # never read; more than half of it
         self._written[written["metadata"]["uid"]] = written
         self._own_version[written["metadata"]["uid"]] = written["metadata"]["resourceVersion"]
 
     def delete_run(self, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            self.rest.send("DELETE", member(API_VERSION, PLURAL, namespace, name))
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -181,31 +174,27 @@ class Cluster:
             self.events.submit(lambda: self._post_event(meta, event, now))
 
     def _post_event(self, meta: Mapping[str, Any], event: PlannedEvent, now: datetime) -> None:
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}", kind=KIND, name=meta["name"],
-                namespace=meta["namespace"], uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion")),
-            reason=camel(event.type.value),
-            message=event.message[:1024],
-            type=event.k8s_type,
-            first_timestamp=now, last_timestamp=now, count=1,
-            source=client.V1EventSource(component="kubetune-operator"),
-            reporting_component="kubetune.dev/operator",
-            reporting_instance="kubetune-operator",
-        )
         try:
-            discard(self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
+            self.rest.send("POST", collection("v1", "events", meta["namespace"]), body=event_body(meta, event, now))
         except Exception as error:  # noqa: BLE001 - an Event is a courtesy: log it, go on
             log.warning("could not post event %s: %s", event.type.value,
                         getattr(error, "reason", None) or error)
 
 
-def discard(response) -> None:
-    """Read and drop a raw reply, so its connection goes back to the pool."""
-    response.read()
-    response.release_conn()
+def event_body(meta: Mapping[str, Any], event: PlannedEvent, now: datetime) -> dict[str, Any]:
+    """A core/v1 Event about the run `meta` names."""
+    at = timestamp(now)
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta.get("uid"),
+                           "resourceVersion": meta.get("resourceVersion")},
+        "reason": camel(event.type.value), "message": event.message[:1024], "type": event.k8s_type,
+        "firstTimestamp": at, "lastTimestamp": at, "count": 1,
+        "source": {"component": "kubetune-operator"},
+        "reportingComponent": "kubetune.dev/operator", "reportingInstance": "kubetune-operator",
+    }
 
 
 def version(obj: Mapping[str, Any]) -> int:

@@ -19,16 +19,17 @@ from kubernetes import client
 from kubernetes.watch.watch import iter_resp_lines
 
 from ..manifests import LABEL_RUN
+from .rest import Rest, collection
 
 log = logging.getLogger("kubetune.informer")
 Key = tuple[str, str]  # (namespace, run name)
-# kind -> (api class, list-all-namespaces method, list-one-namespace method)
-KINDS: dict[str, tuple[type, str, str]] = {
-    "jobs": (client.BatchV1Api, "list_job_for_all_namespaces", "list_namespaced_job"),
-    "pods": (client.CoreV1Api, "list_pod_for_all_namespaces", "list_namespaced_pod"),
-    "config_maps": (client.CoreV1Api, "list_config_map_for_all_namespaces", "list_namespaced_config_map"),
-    "services": (client.CoreV1Api, "list_service_for_all_namespaces", "list_namespaced_service"),
+KINDS: dict[str, tuple[str, str]] = {  # the store's name of a kind -> (apiVersion, plural)
+    "jobs": ("batch/v1", "jobs"),
+    "pods": ("v1", "pods"),
+    "config_maps": ("v1", "configmaps"),
+    "services": ("v1", "services"),
 }
+SELECTOR = ("labelSelector", LABEL_RUN)  # every child carries the run label
 
 
 def run_key(obj: dict[str, Any]) -> Key | None:
@@ -130,7 +131,7 @@ class ChildInformer:
 
     def __init__(self, api_client: client.ApiClient, namespaces: tuple[str, ...],
                  on_change: Callable[[str, str], None], watch_timeout: int = 300):
-        self.api_client, self.on_change, self.watch_timeout = api_client, on_change, watch_timeout
+        self.rest, self.on_change, self.watch_timeout = Rest(api_client), on_change, watch_timeout
         self.scopes: list[str | None] = list(namespaces) or [None]  # None: cluster-wide
         self.store = ChildStore()
         self.stopping = threading.Event()
@@ -147,19 +148,12 @@ class ChildInformer:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _call(self, kind: str, namespace: str | None, **params: Any):
-        api_class, all_namespaces, one_namespace = KINDS[kind]
-        api = api_class(self.api_client)
-        if namespace is None:
-            return getattr(api, all_namespaces)(label_selector=LABEL_RUN, _preload_content=False, **params)
-        return getattr(api, one_namespace)(namespace, label_selector=LABEL_RUN,
-                                           _preload_content=False, **params)
-
     def _run(self, kind: str, namespace: str | None) -> None:
         backoff = 0.5
         while not self.stopping.is_set():
             try:
-                listed = json.loads(self._call(kind, namespace, _request_timeout=30).data)
+                listed = json.loads(self.rest.send("GET", collection(*KINDS[kind], namespace),
+                                                   query=[SELECTOR], timeout=30))
                 self._changed(self.store.replace(kind, namespace, listed["items"]))
                 self._mark_listed(kind, namespace)
                 version, backoff = listed["metadata"]["resourceVersion"], 0.5
@@ -172,9 +166,10 @@ class ChildInformer:
                     backoff = min(backoff * 2, 5.0)
 
     def _watch(self, kind: str, namespace: str | None, version: str) -> str:
-        response = self._call(kind, namespace, watch=True, resource_version=version,
-                              allow_watch_bookmarks=True, timeout_seconds=self.watch_timeout,
-                              _request_timeout=(10, self.watch_timeout + 30))
+        query = [SELECTOR, ("watch", "true"), ("resourceVersion", version), ("allowWatchBookmarks", "true"),
+                 ("timeoutSeconds", str(self.watch_timeout))]
+        response = self.rest.request("GET", collection(*KINDS[kind], namespace), query=query,
+                                     timeout=(10, self.watch_timeout + 30))
         try:
             for line in iter_resp_lines(response):
                 event = json.loads(line)

@@ -25,7 +25,7 @@ from ..tick import ProgressReader
 from . import handlers
 from .cluster import Cluster, EventPoster
 from .informer import ChildInformer
-from .memory import limit_malloc_arenas
+from .memory import fix_mmap_threshold, limit_malloc_arenas
 
 log = logging.getLogger("kubetune.operator")
 
@@ -160,6 +160,7 @@ async def wait_synced(informer: ChildInformer, synced: asyncio.Event) -> None:
 
 def run_operator(options: RuntimeOptions | None = None) -> int:
     limit_malloc_arenas()  # before any thread starts
+    fix_mmap_threshold()
     logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options or RuntimeOptions.from_env()
