@@ -103,3 +103,34 @@ def test_first_token_of_a_sample_is_masked_even_when_it_would_be_learned():
 def test_packing_efficiency_is_real_tokens_over_slots():
     assert packing_efficiency(tokens=12, sequences=2, context_length=8) == 0.75
     assert packing_efficiency(tokens=0, sequences=0, context_length=8) == 0.0
+
+
+def rows_one_sample_at_a_time(samples, bins, context_length, pad_id):
+    """The definition of the packed rows: each bin's samples written one after another."""
+    arrays = {name: np.full((len(bins), context_length), fill, dtype=np.int32) for name, fill in
+              (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("position_ids", 0), ("sequence_ids", 0))}
+    for row, members in enumerate(bins):
+        at = 0
+        for number, index in enumerate(members, start=1):
+            ids, mask = samples[index].input_ids, samples[index].loss_mask
+            end = at + len(ids)
+            arrays["input_ids"][row, at:end] = ids
+            arrays["labels"][row, at:end] = np.where(mask, ids, IGNORE_INDEX)
+            arrays["labels"][row, at] = IGNORE_INDEX
+            arrays["position_ids"][row, at:end] = np.arange(len(ids))
+            arrays["sequence_ids"][row, at:end] = number
+            at = end
+    return arrays
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 48).flatmap(lambda capacity: st.tuples(
+    st.just(capacity), st.lists(st.integers(1, capacity), max_size=60), st.integers(0, 2**31 - 1))))
+def test_rows_filled_at_once_are_the_rows_written_sample_by_sample(case):
+    capacity, lengths, seed = case
+    rng = np.random.default_rng(seed)
+    samples = [sample(rng.integers(0, 1000, length), rng.random(length) < 0.6) for length in lengths]
+    arrays = pack_samples(samples, context_length=capacity, pad_id=7)
+    expected = rows_one_sample_at_a_time(samples, pack(lengths, capacity), capacity, pad_id=7)
+    for name, array in arrays.arrays().items():
+        assert array.tolist() == expected[name].tolist(), name
