@@ -206,6 +206,17 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, all) CPU ticks of the whole machine since boot, every core (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How much of the machine's CPU was busy between two readings (1.0: every core, always)."""
+    return round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
+
+
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -412,11 +423,12 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         operator = start_operator(cp.kubeconfig, work, fifos, metrics_port, snapshot)
         time.sleep(5)  # the operator elects itself and lists what there is
         load_before, counts_at_start = load_average(), request_counts(cp)
-        cpu_at_start = cpu_by_process(cp, operator)
+        cpu_at_start, machine_at_start = cpu_by_process(cp, operator), machine_cpu()
         say(f"creating {runs} TrainingRuns" + (f", {create_rate:g}/s" if create_rate else " at once"))
         created = create_all(client.CustomObjectsApi(api_client), names, create_rate)
         creating_s = max(created.values()) - min(created.values())
         wait_until(lambda: len(watcher.pod_running) == runs, 300 + 5 * runs, "every training pod running")
+        machine_busy = {"creation -> every training pod running": busy_share(machine_at_start, machine_cpu())}
         to_workers = [watcher.pod_added[n] - created[n] for n in names]
         jobs = watcher.jobs_added
         stages = {"operator: create->prep Job": between(created, jobs["prep"]),
@@ -438,9 +450,11 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         say(f"releasing the training pods, {rate:.0f}/s")
         own_before, operator_cpu_before, released = (operator_metrics(metrics_port), cpu_seconds(operator.pid),
                                                      time.monotonic())
+        machine_at_release = machine_cpu()
         release(names, fifos, rate)
         wait_until(lambda: len(watcher.trained) == runs, 300 + 5 * runs, "every run Trained")
         own_trained, operator_cpu_trained = operator_metrics(metrics_port), cpu_seconds(operator.pid)
+        machine_busy["first release -> every run Trained"] = busy_share(machine_at_release, machine_cpu())
         exit_phase = {  # from the first release to the last Trained: where the operator's share went
             "wall_s": round(time.monotonic() - released, 1),
             "operator_cpu_s": round(operator_cpu_trained - operator_cpu_before, 1),
@@ -491,6 +505,9 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 # CPU seconds each process spent from the first creation to the last Succeeded
                 # (the machine had 2 cores; the pods' own processes are not counted).
                 "cpu_s": {**cpu, "wall": round(time.monotonic() - min(created.values()), 1)},
+                # The whole machine's CPU use over the two timed phases: near 1.0, every core was
+                # busy, and a stage's latency is its share of a saturated machine, not a wait.
+                "machine_busy": machine_busy,
                 # The API server's own time for writes, every client, since it started.
                 "api_write_latency_s": histogram_quantiles(api_metrics, "apiserver_request_duration_seconds",
                                                            verb="POST|PUT|PATCH|DELETE"),
