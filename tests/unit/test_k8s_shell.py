@@ -240,7 +240,10 @@ def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
                       "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
                       "containerStatuses": [
                {"name": "trainer", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
-                                                              "message": '{"ok": true, "step": "train"}'}}}]}}
+                                                              "message": '{"ok": true, "step": "train"}'}},
+                "image": "kubetune-trainer", "imageID": "sha256:0", "containerID": "containerd://1", "ready": False,
+                "started": False, "restartCount": 1, "lastState": {"terminated": {"exitCode": 137}},
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}], "user": {"linux": {"uid": 1000}}}]}}
     service = {"metadata": {"name": "r-train", "namespace": "ns", "labels": labels, "resourceVersion": "9"},
                "spec": {"clusterIP": "None", "ports": [{"port": 29500}]}, "status": {"loadBalancer": {}}}
     full = observe(jobs=[copy.deepcopy(job)], pods=[copy.deepcopy(pod)], services=[copy.deepcopy(service)])
@@ -251,6 +254,7 @@ def test_the_store_keeps_only_what_observe_reads_and_observes_the_same():
     assert "spec" not in kept["pods"][0] and "template" not in kept["jobs"][0]["spec"]
     assert "conditions" not in kept["pods"][0]["status"] and "ownerReferences" not in kept["pods"][0]["metadata"]
     assert set(kept["pods"][0]["status"]) == {"phase", "podIP", "containerStatuses"}
+    assert [set(c) for c in kept["pods"][0]["status"]["containerStatuses"]] == [{"name", "state"}]
     assert set(kept["jobs"][0]["status"]) == {"active", "succeeded", "conditions"}
     assert kept["jobs"][0]["spec"] == {"suspend": False, "completions": 2}
     assert "finalizers" not in kept["pods"][0]["metadata"]

@@ -41,6 +41,7 @@ def run_key(obj: dict[str, Any]) -> Key | None:
 # What `observe` reads of a pod's and a Job's status; the rest changes without news for it (a
 # pod's start time and host IPs, the Job controller's counts of ready and terminating pods).
 POD_STATUS_READ = ("phase", "reason", "message", "podIP", "containerStatuses", "initContainerStatuses")
+CONTAINER_STATUS_READ = ("name", "state")  # not its image, mounts, resources, readiness, restarts
 JOB_STATUS_READ = ("active", "succeeded", "failed", "conditions")
 JOB_SPEC_READ = ("suspend", "completions")
 
@@ -49,7 +50,7 @@ def slim(kind: str, obj: dict[str, Any]) -> None:
     """Drop what the reconcile never reads and most of the bytes are: managed fields, owner
     references and finalizers, a pod's spec and most of its status, most of a Job's spec and
     status, all of a Service but its metadata (`observe` reads metadata, a pod's
-    phase and container states, a Job's status counts and conditions, suspend and completions,
+    phase and its containers' states, a Job's status counts and conditions, suspend and completions,
     that a Service exists). A thousand runs' children then take ~30 MB."""
     meta = obj.get("metadata") or {}
     for unread in ("managedFields", "ownerReferences", "finalizers"):
@@ -57,6 +58,10 @@ def slim(kind: str, obj: dict[str, Any]) -> None:
     if kind == "pods":
         obj.pop("spec", None)
         keep(obj, "status", POD_STATUS_READ)
+        for containers in ("containerStatuses", "initContainerStatuses"):
+            for index, container in enumerate((obj.get("status") or {}).get(containers) or []):
+                obj["status"][containers][index] = {key: container[key] for key in CONTAINER_STATUS_READ
+                                                    if key in container}
     elif kind == "jobs":
         keep(obj, "spec", JOB_SPEC_READ)
         keep(obj, "status", JOB_STATUS_READ)
