@@ -26,9 +26,10 @@ from . import checkpoints
 from .config import RunConfig
 from .contract import HF_MARKER
 from .errors import UserError
-from .weights_out import kernel_copies
+from .weights_out import CopyAhead, kernel_copies
 
 log = logging.getLogger(__name__)
+SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size ("5GB")
 
 
 def run_convert(config: RunConfig) -> dict:
@@ -94,12 +95,37 @@ def export(checkpoint: Path, out: Path, base_model: str, source: dict[str, Any])
     if "peft_config" in huggingface["model"]:
         raise UserError(f"checkpoint {checkpoint} holds a PEFT adapter; kubetune converts full "
                         "fine-tunes only", "UnsupportedCheckpoint")
-    write_tokenizer(huggingface["tokenizer"], out)
-    model = build_model(huggingface["model"]["config"]["content"], state["model"])
-    model.generation_config = generation_config(base_model, model.config)
-    with kernel_copies():
-        model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    config_content = huggingface["model"]["config"]["content"]
+    out.mkdir(parents=True, exist_ok=True)
+    # The weights' bytes are copied on a thread from here while the model is built (see CopyAhead).
+    with kernel_copies(copy_ahead(state["model"], config_content, out)):
+        write_tokenizer(huggingface["tokenizer"], out)
+        model = build_model(config_content, state["model"])
+        model.generation_config = generation_config(base_model, model.config)
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_BYTES)
     (out / HF_MARKER).write_text(json.dumps(source))  # last: its presence means complete
+
+
+def copy_ahead(weights: dict[str, Any], config_content: dict[str, Any], out: Path) -> CopyAhead | None:
+    """The weights file `save_pretrained` will most likely write for a model holding `weights`,
+    started: one file (under a shard's size), the names without Composer's `model.` prefix in
+    their order, a tensor sharing memory with an earlier one left out (tied weights). None where
+    `build_model` casts them (other tensors) or it would be shards. A wrong guess costs a copy,
+    never a byte: `save_pretrained`'s own call decides (`weights_out.save_file`)."""
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    dtype = _dtype(config_content.get("torch_dtype"))
+    predicted, seen = {}, set()
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            return None
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in seen:
+            seen.add(pointer)
+            predicted[key.removeprefix("model.")] = tensor
+    if sum(tensor.numel() * tensor.element_size() for tensor in predicted.values()) > SHARD_BYTES:
+        return None
+    return CopyAhead(predicted, str(out / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def build_model(config_content: dict[str, Any], weights: dict[str, Any]):

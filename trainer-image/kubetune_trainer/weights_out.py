@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -117,28 +118,115 @@ def header(tensors: dict, metadata: dict[str, str] | None) -> tuple[bytes, list[
     return struct.pack("<Q", len(text)) + text, layout
 
 
-def save_file(tensors: dict, filename: str, metadata: dict[str, str] | None = None) -> None:
+def cpu_contiguous(tensors: dict) -> dict:
     """safetensors.torch.save_file's contract: contiguous CPU tensors, no two sharing memory."""
-    import torch
-
     tensors = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
     if any(tensor.device.type != "cpu" for tensor in tensors.values()):
         raise ValueError("tensors must be on the CPU to be written")
+    return tensors
+
+
+def save_file(tensors: dict, filename: str, metadata: dict[str, str] | None = None,
+              ahead: "CopyAhead | None" = None) -> None:
+    """safetensors.torch.save_file; `ahead`: the bytes of a predicted call, copied meanwhile,
+    which this call takes over if it is that call (same file, header and tensors' memory)."""
+    tensors = cpu_contiguous(tensors)
     head, layout = header(tensors, metadata)
+    if ahead is not None and ahead.take(filename, head, tensors):
+        return
     sources = Sources()
     out = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_at(out, memoryview(head), 0)
-        position = len(head)
-        for name, size in layout:
-            tensor = tensors[name]
-            found = sources.find(tensor.data_ptr(), size)
-            if not (found and _copied(found[0], found[1], out, position, size)) and size:
-                _write_at(out, memoryview(tensor.view(-1).view(torch.uint8).numpy()), position)
-            position += size
+        write_tensors(out, tensors, placed(layout, len(head)), sources)
     finally:
         os.close(out)
         sources.close()
+
+
+def placed(layout: list[tuple[str, int]], start: int) -> list[tuple[str, int, int]]:
+    """(name, byte size, position in the file) of each tensor laid out from `start`."""
+    result, position = [], start
+    for name, size in layout:
+        result.append((name, size, position))
+        position += size
+    return result
+
+
+def write_tensors(out: int, tensors: dict, places: list[tuple[str, int, int]], sources: Sources) -> None:
+    """Each tensor's bytes at its place: copied from the file that holds them unchanged, else
+    written from memory."""
+    for name, size, position in places:
+        tensor = tensors[name]
+        found = sources.find(tensor.data_ptr(), size)
+        if not (found and _copied(found[0], found[1], out, position, size)) and size:
+            _write_memory(out, tensor, position)
+
+
+def _write_memory(out: int, tensor, position: int) -> None:
+    import torch
+
+    _write_at(out, memoryview(tensor.view(-1).view(torch.uint8).numpy()), position)
+
+
+class CopyAhead:
+    """The file `save_file(tensors, filename, metadata)` would write, its tensors' bytes copied
+    on a thread from now on, largest first, while the caller builds what makes the real call
+    (the model, `save_pretrained`'s decisions): the copies take the kernel's time, not the GIL.
+    A real call for the same file, header and tensor memory takes the file over (`take`) and
+    rewrites from memory any tensor whose bytes are not (or no longer) the mapped file's; any
+    other call writes its file anew."""
+
+    def __init__(self, tensors: dict, filename: str, metadata: dict[str, str] | None = None):
+        import threading
+
+        self.tensors = cpu_contiguous(tensors)
+        self.filename = filename
+        self.head, layout = header(self.tensors, metadata)
+        self.places = placed(layout, len(self.head))
+        self.pointers = [self.tensors[name].data_ptr() for name, _, _ in self.places]
+        self.out = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.failed: BaseException | None = None
+        self.sources: Sources | None = None
+        self.thread = threading.Thread(target=self._copy, name="copy-ahead", daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        try:
+            self.sources = Sources()
+            write_tensors(self.out, self.tensors, sorted(self.places, key=lambda place: -place[1]), self.sources)
+        except BaseException as error:  # reported by `take`, which then writes the file anew
+            self.failed = error
+
+    def take(self, filename: str, head: bytes, tensors: dict) -> bool:
+        """Complete the file if this is its call; False otherwise (a call for this file then
+        writes it anew)."""
+        if self.out is None or filename != self.filename:
+            return False
+        self.thread.join()
+        same = (head == self.head and self.failed is None
+                and [tensors[name].data_ptr() for name, _, _ in self.places] == self.pointers)
+        try:
+            if same:
+                for name, size, position in self.places:
+                    if size and self.sources.find(tensors[name].data_ptr(), size) is None:
+                        _write_memory(self.out, tensors[name], position)
+                _write_at(self.out, memoryview(self.head), 0)  # last: the bytes it describes are in place
+        finally:
+            self.close(keep=True)  # this call's file, completed here or written anew by the caller
+        return same
+
+    def close(self, keep: bool = False) -> None:
+        """Done with the file; unless kept, it is removed (no call came for it: no stray file)."""
+        self.thread.join()
+        if self.out is not None:
+            os.close(self.out)
+            self.out = None
+            if not keep:
+                os.unlink(self.filename)
+        if self.sources is not None:
+            self.sources.close()
+            self.sources = None
 
 
 def _write_at(fd: int, data: memoryview, position: int) -> None:
@@ -162,13 +250,16 @@ def _copied(source: int, offset: int, out: int, position: int, size: int) -> boo
 
 
 @contextlib.contextmanager
-def kernel_copies() -> Iterator[None]:
-    """`transformers`' `save_pretrained` writes safetensors with `save_file` above meanwhile."""
+def kernel_copies(ahead: CopyAhead | None = None) -> Iterator[None]:
+    """`transformers`' `save_pretrained` writes safetensors with `save_file` above meanwhile,
+    taking over `ahead` where it is the file it writes."""
     from transformers import modeling_utils
 
     original = modeling_utils.safe_save_file
-    modeling_utils.safe_save_file = save_file
+    modeling_utils.safe_save_file = save_file if ahead is None else functools.partial(save_file, ahead=ahead)
     try:
         yield
     finally:
         modeling_utils.safe_save_file = original
+        if ahead is not None:
+            ahead.close()

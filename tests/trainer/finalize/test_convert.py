@@ -172,3 +172,39 @@ def test_tied_embeddings_and_the_configs_dtype_survive_conversion(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     expected = trained.model.embed_tokens.weight.to(torch.bfloat16)
     assert loaded.model.embed_tokens.weight.equal(expected)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_copied_ahead_make_the_folder_save_pretrained_alone_makes(tmp_path, monkeypatch, tied):
+    """What is copied while the model is built is what save_pretrained decides, tied or not."""
+    import torch
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubetune_trainer import weights_out
+    from kubetune_trainer.convert import SHARD_BYTES, build_model, copy_ahead
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(2)
+    state = {f"model.{key}": tensor for key, tensor in LlamaForCausalLM(config).state_dict().items()}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    weights = torch.load(tmp_path / "checkpoint.pt", mmap=True, weights_only=True)
+    taken, take = [], weights_out.CopyAhead.take
+    monkeypatch.setattr(weights_out.CopyAhead, "take", lambda self, *args: taken.append(take(self, *args)) or taken[-1])
+
+    ours, plain = tmp_path / "ours", tmp_path / "plain"
+    ours.mkdir()
+    with weights_out.kernel_copies(copy_ahead(weights, config.to_dict(), ours)):
+        build_model(config.to_dict(), weights).save_pretrained(ours, max_shard_size=SHARD_BYTES)
+    build_model(config.to_dict(), weights).save_pretrained(plain)  # safetensors' own writer
+
+    assert taken == [True]
+    assert sorted(path.name for path in ours.iterdir()) == sorted(path.name for path in plain.iterdir())
+    assert json.loads((ours / "config.json").read_text()) == json.loads((plain / "config.json").read_text())
+    with safe_open(ours / "model.safetensors", "pt") as got, safe_open(plain / "model.safetensors", "pt") as want:
+        assert sorted(got.keys()) == sorted(want.keys()) and got.metadata() == want.metadata()
+        assert ("lm_head.weight" in got.keys()) is not tied
+        for name in want.keys():
+            assert got.get_tensor(name).dtype == want.get_tensor(name).dtype
+            assert got.get_tensor(name).equal(want.get_tensor(name)), name

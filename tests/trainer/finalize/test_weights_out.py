@@ -85,3 +85,53 @@ def test_where_the_kernel_cannot_copy_the_bytes_are_written_from_memory(tmp_path
     save_file(loaded, str(tmp_path / "w.safetensors"))
     back = load_file(tmp_path / "w.safetensors")
     assert calls and all(torch.equal(back[name], tensor) for name, tensor in saved.items())
+
+
+def spied_takes(monkeypatch) -> list[bool]:
+    """What each CopyAhead.take returned: True where the call took the copied file over."""
+    taken, take = [], weights_out.CopyAhead.take
+
+    def spy(self, *args):
+        taken.append(take(self, *args))
+        return taken[-1]
+
+    monkeypatch.setattr(weights_out.CopyAhead, "take", spy)
+    return taken
+
+
+def test_a_file_copied_ahead_is_taken_over_by_its_call_with_the_same_bytes(tmp_path, monkeypatch):
+    _, loaded = mapped_tensors(tmp_path)
+    taken = spied_takes(monkeypatch)
+    save_file(loaded, str(tmp_path / "plain.safetensors"), {"format": "pt"})
+    ahead = weights_out.CopyAhead(loaded, str(tmp_path / "w.safetensors"), {"format": "pt"})
+    save_file(loaded, str(tmp_path / "w.safetensors"), {"format": "pt"}, ahead=ahead)
+    assert taken == [True]
+    assert (tmp_path / "w.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+
+
+def test_a_tensor_changed_after_it_was_copied_ahead_is_written_from_memory(tmp_path, monkeypatch):
+    _, loaded = mapped_tensors(tmp_path)
+    taken = spied_takes(monkeypatch)
+    ahead = weights_out.CopyAhead(loaded, str(tmp_path / "w.safetensors"))
+    ahead.thread.join()  # its bytes are copied from the file: now change them in memory
+    loaded["a"].add_(1)
+    save_file(loaded, str(tmp_path / "w.safetensors"), ahead=ahead)
+    assert taken == [True]
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["a"], torch.arange(50_000, dtype=torch.float32) + 1)
+
+
+def test_a_call_other_than_the_one_copied_ahead_writes_its_file_anew_and_no_guess_is_left(tmp_path, monkeypatch):
+    saved, loaded = mapped_tensors(tmp_path)
+    taken = spied_takes(monkeypatch)
+    guessed = str(tmp_path / "w.safetensors")
+    ahead = weights_out.CopyAhead(loaded, guessed)
+    fewer = {"a": loaded["a"], "c": loaded["c"]}
+    save_file(fewer, guessed, ahead=ahead)  # the same file, other tensors
+    assert taken == [False] and load_file(guessed).keys() == {"a", "c"}
+    assert torch.equal(load_file(guessed)["a"], saved["a"])
+
+    ahead = weights_out.CopyAhead(loaded, str(tmp_path / "guess.safetensors"))
+    with weights_out.kernel_copies(ahead):  # save_pretrained wrote other files (shards) instead
+        save_file(fewer, str(tmp_path / "model-00001-of-00002.safetensors"), ahead=ahead)
+    assert not (tmp_path / "guess.safetensors").exists()
+    assert load_file(tmp_path / "model-00001-of-00002.safetensors").keys() == {"a", "c"}
