@@ -117,6 +117,25 @@ def request_counts(cp: ControlPlane) -> dict[tuple[str, str], float]:
     return counts
 
 
+def api_time_by_kind(metrics_text: str, top: int = 8) -> list[tuple[str, float, float]]:
+    """The API server's time in requests (every client, since it started), by verb and resource:
+    (kind, seconds in all, ms a request), the `top` kinds with the most seconds. Watches are
+    left out (they last as long as they are open)."""
+    seconds: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for suffix, into in (("_sum{", seconds), ("_count{", counts)):
+            if line.startswith(f"apiserver_request_duration_seconds{suffix}"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+                if labels.get("verb") in ("WATCH", "CONNECT"):
+                    continue
+                kind = f"{labels.get('verb')} {labels.get('resource') or labels.get('path', '')}" + (
+                    f"/{labels['subresource']}" if labels.get("subresource") else "")
+                into[kind] = into.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    ranked = sorted(seconds.items(), key=lambda item: -item[1])[:top]
+    return [(kind, round(total, 1), round(1000 * total / max(counts.get(kind, 1.0), 1.0), 1)) for kind, total in ranked]
+
+
 class Watcher:
     """Times, as this process sees them, of each run's training pod appearing and of its
     status first showing Trained."""
@@ -533,6 +552,8 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 # The API server's own time for writes, every client, since it started.
                 "api_write_latency_s": histogram_quantiles(api_metrics, "apiserver_request_duration_seconds",
                                                            verb="POST|PUT|PATCH|DELETE"),
+                # Where the API server's time went: (kind, seconds in all, ms a request).
+                "api_time_by_kind": api_time_by_kind(api_metrics),
                 # The operator's own view, every reconcile of the whole bench (bucket bounds).
                 "operator_reconcile_wait_s": histogram_quantiles(own, "kubetune_reconcile_wait_seconds"),
                 "operator_reconcile_s": histogram_quantiles(own, "kubetune_reconcile_duration_seconds")}
