@@ -95,6 +95,17 @@ def find_latest(folder: Path) -> Path | None:
     return newest[0] if newest else None
 
 
+STORAGE_ALIGNMENT = 4096  # bytes: a page (torch.save's default is 64)
+
+
+def align_storages() -> None:
+    """Checkpoints saved from here on hold each tensor at a page boundary, so that `convert`
+    copies a tensor into the safetensors file page for page (`weights_out.arranged`)."""
+    import torch.utils.serialization.config as serialization
+
+    serialization.save.storage_alignment = max(serialization.save.storage_alignment, STORAGE_ALIGNMENT)
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 def read_state(checkpoint: Path, keys: Iterable[str] = MODEL_STATE) -> dict[str, Any]:

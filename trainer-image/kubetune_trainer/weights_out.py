@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+STEP = 64 * 2**10  # bytes the kernel copies at a time (a pipe's 16 pages)
 # /proc/self/pagemap: one little-endian u64 a page; bit 63 present, 62 swapped, 61 file page.
 PRESENT, SWAPPED, FILE_PAGE = 1 << 63, 1 << 62, 1 << 61
 DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
@@ -102,20 +103,65 @@ class Sources:
         return self.files[region.path], region.offset + address - region.start
 
 
-def header(tensors: dict, metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, int]]]:
-    """The safetensors header (padded to 8 bytes) and each tensor's (name, byte size), in the
-    order their bytes follow it."""
+def byte_size(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def arranged(sizes: dict[str, int], phases: dict[str, int | None]) -> tuple[list[str], int | None]:
+    """An order for the tensors' bytes, and where in a page the first should start, so that as
+    many bytes as possible sit at the offset within a page they have in the file they are copied
+    from (`phases`; None: written from memory). The kernel copies between different in-page
+    offsets ~1.5x slower (BENCHMARKS.md, finalization). Greedy: next, the largest tensor whose
+    phase is where the bytes are (one filling whole pages first, which keeps that phase), else
+    the smallest one, which moves the phase at the least cost."""
+    by_phase: dict[int, int] = {}
+    for name, phase in phases.items():
+        if phase is not None:
+            by_phase[phase] = by_phase.get(phase, 0) + sizes[name]
+    if not by_phase:
+        return list(sizes), None
+    start = max(sorted(by_phase), key=lambda phase: by_phase[phase])
+    left, order, at = list(sizes), [], start
+    while left:
+        fitting = [name for name in left if phases[name] == at]
+        whole = [name for name in fitting if sizes[name] % PAGE == 0]
+        pick = max(whole or fitting, key=lambda name: sizes[name]) if fitting else min(left, key=lambda name: sizes[name])
+        left.remove(pick)
+        order.append(pick)
+        at = (at + sizes[pick]) % PAGE
+    return order, start
+
+
+def header(tensors: dict, metadata: dict[str, str] | None, order: list[str],
+           start: int | None = None) -> tuple[bytes, list[tuple[str, int, int]]]:
+    """The safetensors header (names in the dict's order, padded with spaces to 8 bytes, or
+    so that the bytes start at `start` within a page) and each tensor's (name, byte size,
+    position in the file), its bytes following the header in `order`."""
     entries: dict = {"__metadata__": metadata} if metadata else {}
-    layout, offset = [], 0
+    offsets, offset = {}, 0
+    for name in order:
+        offsets[name] = (offset, offset + byte_size(tensors[name]))
+        offset = offsets[name][1]
     for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
         entries[name] = {"dtype": DTYPES[str(tensor.dtype).removeprefix("torch.")],
-                         "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        layout.append((name, size))
-        offset += size
+                         "shape": list(tensor.shape), "data_offsets": list(offsets[name])}
     text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, layout
+    text += b" " * (-len(text) % 8 if start is None else (start - 8 - len(text)) % PAGE)
+    head = struct.pack("<Q", len(text)) + text
+    return head, [(name, last - first, len(head) + first) for name, (first, last) in offsets.items()]
+
+
+def plan(tensors: dict, metadata: dict[str, str] | None,
+         sources: "Sources") -> tuple[bytes, list[tuple[str, int, int, tuple[int, int] | None]]]:
+    """The header, and each tensor's (name, byte size, position, where the mapped file holds
+    its bytes or None), laid out by `arranged`."""
+    sizes = {name: byte_size(tensor) for name, tensor in tensors.items()}
+    found = {name: sources.find(tensor.data_ptr(), sizes[name]) for name, tensor in tensors.items()}
+    # A header is padded to 8 bytes, so only phases at 8-byte offsets can be met.
+    phases = {name: None if where is None or where[1] % 8 else where[1] % PAGE for name, where in found.items()}
+    order, start = arranged(sizes, phases)
+    head, places = header(tensors, metadata, order, start)
+    return head, [(name, size, position, found[name]) for name, size, position in places]
 
 
 def cpu_contiguous(tensors: dict) -> dict:
@@ -126,41 +172,34 @@ def cpu_contiguous(tensors: dict) -> dict:
     return tensors
 
 
+def signature(tensors: dict, metadata: dict[str, str] | None) -> tuple:
+    """What decides a file's contents (with the mapped files' bytes)."""
+    return metadata, [(name, tensor.dtype, tuple(tensor.shape), tensor.data_ptr()) for name, tensor in tensors.items()]
+
+
 def save_file(tensors: dict, filename: str, metadata: dict[str, str] | None = None,
               ahead: "CopyAhead | None" = None) -> None:
     """safetensors.torch.save_file; `ahead`: the bytes of a predicted call, copied meanwhile,
-    which this call takes over if it is that call (same file, header and tensors' memory)."""
+    which this call takes over if it is that call (same file, tensors and their memory)."""
     tensors = cpu_contiguous(tensors)
-    head, layout = header(tensors, metadata)
-    if ahead is not None and ahead.take(filename, head, tensors):
+    if ahead is not None and ahead.take(filename, signature(tensors, metadata), tensors):
         return
     sources = Sources()
     out = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        head, places = plan(tensors, metadata, sources)
         _write_at(out, memoryview(head), 0)
-        write_tensors(out, tensors, placed(layout, len(head)), sources)
+        write_tensors(out, tensors, places)
     finally:
         os.close(out)
         sources.close()
 
 
-def placed(layout: list[tuple[str, int]], start: int) -> list[tuple[str, int, int]]:
-    """(name, byte size, position in the file) of each tensor laid out from `start`."""
-    result, position = [], start
-    for name, size in layout:
-        result.append((name, size, position))
-        position += size
-    return result
-
-
-def write_tensors(out: int, tensors: dict, places: list[tuple[str, int, int]], sources: Sources) -> None:
-    """Each tensor's bytes at its place: copied from the file that holds them unchanged, else
-    written from memory."""
-    for name, size, position in places:
-        tensor = tensors[name]
-        found = sources.find(tensor.data_ptr(), size)
+def write_tensors(out: int, tensors: dict, places: list) -> None:
+    """Each tensor's bytes at its place: copied from the file that holds them, else from memory."""
+    for name, size, position, found in places:
         if not (found and _copied(found[0], found[1], out, position, size)) and size:
-            _write_memory(out, tensor, position)
+            _write_memory(out, tensors[name], position)
 
 
 def _write_memory(out: int, tensor, position: int) -> None:
@@ -170,45 +209,45 @@ def _write_memory(out: int, tensor, position: int) -> None:
 
 
 class CopyAhead:
-    """The file `save_file(tensors, filename, metadata)` would write, its tensors' bytes copied
-    on a thread from now on, largest first, while the caller builds what makes the real call
-    (the model, `save_pretrained`'s decisions): the copies take the kernel's time, not the GIL.
-    A real call for the same file, header and tensor memory takes the file over (`take`) and
-    rewrites from memory any tensor whose bytes are not (or no longer) the mapped file's; any
-    other call writes its file anew."""
+    """The file `save_file(tensors, filename, metadata)` would write, planned and its tensors'
+    bytes copied on a thread from now on, largest first, while the caller builds what makes the
+    real call (the model, `save_pretrained`'s decisions): the copies take the kernel's time, not
+    the GIL. A real call for the same file and tensors (names, dtypes, shapes, memory) takes the
+    file over (`take`) and rewrites from memory any tensor whose bytes are not (or no longer)
+    the mapped file's; any other call writes its file anew."""
 
     def __init__(self, tensors: dict, filename: str, metadata: dict[str, str] | None = None):
         import threading
 
         self.tensors = cpu_contiguous(tensors)
         self.filename = filename
-        self.head, layout = header(self.tensors, metadata)
-        self.places = placed(layout, len(self.head))
-        self.pointers = [self.tensors[name].data_ptr() for name, _, _ in self.places]
-        self.out = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.metadata = metadata
+        self.signature = signature(self.tensors, metadata)
+        self.out: int | None = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.failed: BaseException | None = None
         self.sources: Sources | None = None
+        self.head, self.places = b"", []
         self.thread = threading.Thread(target=self._copy, name="copy-ahead", daemon=True)
         self.thread.start()
 
     def _copy(self) -> None:
         try:
             self.sources = Sources()
-            write_tensors(self.out, self.tensors, sorted(self.places, key=lambda place: -place[1]), self.sources)
+            self.head, self.places = plan(self.tensors, self.metadata, self.sources)
+            write_tensors(self.out, self.tensors, sorted(self.places, key=lambda place: -place[1]))
         except BaseException as error:  # reported by `take`, which then writes the file anew
             self.failed = error
 
-    def take(self, filename: str, head: bytes, tensors: dict) -> bool:
+    def take(self, filename: str, called: tuple, tensors: dict) -> bool:
         """Complete the file if this is its call; False otherwise (a call for this file then
         writes it anew)."""
         if self.out is None or filename != self.filename:
             return False
         self.thread.join()
-        same = (head == self.head and self.failed is None
-                and [tensors[name].data_ptr() for name, _, _ in self.places] == self.pointers)
+        same = called == self.signature and self.failed is None
         try:
             if same:
-                for name, size, position in self.places:
+                for name, size, position, _ in self.places:
                     if size and self.sources.find(tensors[name].data_ptr(), size) is None:
                         _write_memory(self.out, tensors[name], position)
                 _write_at(self.out, memoryview(self.head), 0)  # last: the bytes it describes are in place
@@ -237,10 +276,13 @@ def _write_at(fd: int, data: memoryview, position: int) -> None:
 
 def _copied(source: int, offset: int, out: int, position: int, size: int) -> bool:
     """Copy in the kernel; False where it cannot (another filesystem on an older kernel, a
-    filesystem without support), and the caller writes the bytes itself."""
+    filesystem without support), and the caller writes the bytes itself. The first call stops
+    at a STEP boundary of the output: the kernel copies in steps of that size from where a call
+    starts, and steps on the boundaries fill its large page-cache folios whole (1.4x faster)."""
     try:
         while size:
-            copied = os.copy_file_range(source, out, size, offset, position)
+            step = -position % STEP or size
+            copied = os.copy_file_range(source, out, min(size, step), offset, position)
             if copied == 0:  # the file is shorter than its mapping: truncated meanwhile
                 return False
             offset, position, size = offset + copied, position + copied, size - copied

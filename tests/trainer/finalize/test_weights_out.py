@@ -135,3 +135,42 @@ def test_a_call_other_than_the_one_copied_ahead_writes_its_file_anew_and_no_gues
         save_file(fewer, str(tmp_path / "model-00001-of-00002.safetensors"), ahead=ahead)
     assert not (tmp_path / "guess.safetensors").exists()
     assert load_file(tmp_path / "model-00001-of-00002.safetensors").keys() == {"a", "c"}
+
+
+def test_bytes_are_arranged_at_their_sources_in_page_offsets_as_far_as_sizes_allow():
+    from kubetune_trainer.weights_out import PAGE, arranged
+
+    # Page-aligned sources (as align_storages saves them): whole-page tensors keep the phase, a
+    # half-page one moves it, and another half-page one (placed next, the smallest) moves it back.
+    sizes = {"norm": PAGE // 2, "embed": 64 * PAGE, "q": 4 * PAGE, "mlp": 3 * PAGE + PAGE // 2, "head": 64 * PAGE}
+    order, start = arranged(sizes, dict.fromkeys(sizes, 0))
+    assert start == 0 and sorted(order) == sorted(sizes)
+    at, aligned = start, []
+    for name in order:
+        aligned += [name] if at == 0 else []
+        at = (at + sizes[name]) % PAGE
+    assert set(aligned) == {"embed", "head", "q", "mlp"}  # all but the one half-page filler
+    assert arranged(sizes, dict.fromkeys(sizes)) == (list(sizes), None)  # nothing from files: as given
+
+
+def test_a_page_aligned_checkpoints_tensors_land_at_their_in_page_offsets(tmp_path, monkeypatch):
+    import torch.utils.serialization.config as serialization
+
+    from kubetune_trainer.checkpoints import align_storages
+    from kubetune_trainer.weights_out import PAGE, plan
+
+    monkeypatch.setattr(serialization.save, "storage_alignment", serialization.save.storage_alignment)
+    align_storages()
+    saved = {"a": torch.arange(4096.0), "b": torch.ones(1024 + 512), "c": torch.zeros(2048)}
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    loaded = torch.load(tmp_path / "checkpoint.pt", mmap=True, weights_only=True)
+    sources = Sources()
+    try:
+        head, places = plan(loaded, {"format": "pt"}, sources)
+    finally:
+        sources.close()
+    assert all(found is not None and found[1] % PAGE == 0 for _, _, _, found in places)
+    assert all(position % PAGE == 0 for _, _, position, _ in places)  # the 1.5-page one last
+    save_file(loaded, str(tmp_path / "w.safetensors"))
+    back = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(back[name], tensor) for name, tensor in saved.items())

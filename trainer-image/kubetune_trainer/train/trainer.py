@@ -131,6 +131,7 @@ def build(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> Assemb
         progress.set_resume(resumed_from(config, resume), resume.note)
         record = RunRecord(config, hyperparameters(config, context_length, world_size), progress)
     callbacks = checkpoint_callbacks(config, resume, progress, record)
+    checkpoints.align_storages()  # page-aligned tensors: converted page for page
     if not runtime.fsdp:  # sharded ranks hold different shards: nothing to compare
         callbacks.append(WeightsDigest(Path(config.result_dir)))
     trainer = Trainer(
