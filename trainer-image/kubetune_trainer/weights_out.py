@@ -10,6 +10,11 @@ is copied from that file with `os.copy_file_range`, and any other from memory.
 
 "Unchanged" is the kernel's word, not ours: a private file mapping's page that was written to is
 a private copy, and /proc/self/pagemap says which pages still are the file's.
+
+Two things make the copies as fast as a raw copy: the bytes are laid out so that tensors keep
+their source's offset within a page (`arranged`; the trainer saves page-aligned checkpoints),
+and `CopyAhead` starts them on a thread right after the checkpoint is unpickled, while the
+model skeleton is built and `save_pretrained` decides; its call then takes the file over.
 """
 
 from __future__ import annotations
