@@ -27,7 +27,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 STEP = 64 * 2**10  # bytes the kernel copies at a time (a pipe's 16 pages)
@@ -200,9 +200,12 @@ def save_file(tensors: dict, filename: str, metadata: dict[str, str] | None = No
         sources.close()
 
 
-def write_tensors(out: int, tensors: dict, places: list) -> None:
-    """Each tensor's bytes at its place: copied from the file that holds them, else from memory."""
+def write_tensors(out: int, tensors: dict, places: list, stop: Callable[[], bool] = lambda: False) -> None:
+    """Each tensor's bytes at its place: copied from the file that holds them, else from memory;
+    `stop()` between tensors ends it early."""
     for name, size, position, found in places:
+        if stop():
+            return
         if not (found and _copied(found[0], found[1], out, position, size)) and size:
             _write_memory(out, tensors[name], position)
 
@@ -230,6 +233,7 @@ class CopyAhead:
         self.signature = signature(self.tensors, metadata)
         self.out: int | None = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.failed: BaseException | None = None
+        self.stopping = False  # no call will come for the file: the copies end early
         self.sources: Sources | None = None
         self.head, self.places = b"", []
         self.thread = threading.Thread(target=self._copy, name="copy-ahead", daemon=True)
@@ -239,14 +243,18 @@ class CopyAhead:
         try:
             self.sources = Sources()
             self.head, self.places = plan(self.tensors, self.metadata, self.sources)
-            write_tensors(self.out, self.tensors, sorted(self.places, key=lambda place: -place[1]))
+            write_tensors(self.out, self.tensors, sorted(self.places, key=lambda place: -place[1]),
+                          lambda: self.stopping)
         except BaseException as error:  # reported by `take`, which then writes the file anew
             self.failed = error
 
     def take(self, filename: str, called: tuple, tensors: dict) -> bool:
         """Complete the file if this is its call; False otherwise (a call for this file then
-        writes it anew)."""
-        if self.out is None or filename != self.filename:
+        writes it anew; one for another file ends the guess)."""
+        if self.out is None:
+            return False
+        if filename != self.filename:  # the guess was wrong (shards): stop copying, remove it
+            self.close()
             return False
         self.thread.join()
         same = called == self.signature and self.failed is None
@@ -262,6 +270,7 @@ class CopyAhead:
 
     def close(self, keep: bool = False) -> None:
         """Done with the file; unless kept, it is removed (no call came for it: no stray file)."""
+        self.stopping = not keep
         self.thread.join()
         if self.out is not None:
             os.close(self.out)

@@ -153,16 +153,19 @@ def test_bytes_are_arranged_at_their_sources_in_page_offsets_as_far_as_sizes_all
     assert arranged(sizes, dict.fromkeys(sizes)) == (list(sizes), None)  # nothing from files: as given
 
 
-def test_a_page_aligned_checkpoints_tensors_land_at_their_in_page_offsets(tmp_path, monkeypatch):
+def test_a_page_aligned_checkpoints_tensors_land_at_their_in_page_offsets(tmp_path):
     import torch.utils.serialization.config as serialization
 
     from kubetune_trainer.checkpoints import align_storages
     from kubetune_trainer.weights_out import PAGE, plan
 
-    monkeypatch.setattr(serialization.save, "storage_alignment", serialization.save.storage_alignment)
-    align_storages()
     saved = {"a": torch.arange(4096.0), "b": torch.ones(1024 + 512), "c": torch.zeros(2048)}
-    torch.save(saved, tmp_path / "checkpoint.pt")
+    before = serialization.save.storage_alignment
+    align_storages()
+    try:
+        torch.save(saved, tmp_path / "checkpoint.pt")
+    finally:  # a process-wide setting (monkeypatch's undo hides torch's config entry)
+        serialization.save.storage_alignment = before
     loaded = torch.load(tmp_path / "checkpoint.pt", mmap=True, weights_only=True)
     sources = Sources()
     try:
