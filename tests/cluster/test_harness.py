@@ -234,14 +234,10 @@ def test_init_containers_run_first_and_on_failure_restarts(kubectl, namespace, p
     apply(kubectl, namespace, pod("retry", main, restartPolicy="OnFailure", initContainers=[init],
                                   volumes=[{"name": "work", "emptyDir": {}}]))
     get = lambda: kubectl.json("get", "pod", "retry", "-n", namespace)["status"]  # noqa: E731
-
-    def last_exit_code():
-        statuses = get().get("containerStatuses") or [{}]
-        return statuses[0].get("lastState", {}).get("terminated", {}).get("exitCode")
-    # Watched while it lasts: a kubelet shows the failed first run as lastState during the
-    # restart's back-off, and no longer once the pod is Succeeded and its dead containers are gone.
-    wait_for(lambda: last_exit_code() == 1, 30, "main's failed first run to show as its lastState")
-    wait_for(lambda: get().get("phase") == "Succeeded", 30, "pod retry to succeed")
+    # Under OnFailure one restart means the first run failed. A kubelet shows that run as
+    # lastState only during the restart's back-off, which a loaded machine can pass between two
+    # polls (CI saw it), so the order the runs wrote and the restart count are what is checked.
+    wait_for(lambda: get().get("phase") == "Succeeded", 90, "pod retry to succeed")
     main_status = get()["containerStatuses"][0]
     assert main_status["restartCount"] == 1
     assert main_status["state"]["terminated"]["message"] == "init main main"
