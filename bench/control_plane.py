@@ -387,7 +387,9 @@ def operator_python() -> str:
 
 
 def start_operator(kubeconfig: Path, work: Path, fifos: Path, metrics_port: int,
-                   traced: Path | None = None) -> subprocess.Popen:
+                   traced: Path | None = None, driver: str = "operator") -> subprocess.Popen:
+    """The operator (or, `driver="floor"`, the baseline in bench/floor_driver.py, on the same
+    Python and settings)."""
     # The source tree's code on the image's packages (the image installs that code).
     source = os.pathsep.join(str(REPO / part) for part in ("operator", "trainer-image"))
     env = {**os.environ, "PYTHONPATH": source, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "default",
@@ -397,6 +399,8 @@ def start_operator(kubeconfig: Path, work: Path, fifos: Path, metrics_port: int,
            "PYTHONUNBUFFERED": "1"}
     log = open(work / "operator.log", "ab")  # noqa: SIM115 - lives as long as the process
     command = ["-c", TRACED_OPERATOR, str(traced)] if traced else ["-m", "kubetune.cli", "operator"]
+    if driver == "floor":
+        command = [str(REPO / "bench" / "floor_driver.py"), NAMESPACE]
     return subprocess.Popen([operator_python(), *command], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
@@ -447,7 +451,7 @@ def traced_memory(operator: subprocess.Popen, snapshot: Path) -> list[tuple[str,
 
 
 def measure(runs: int, window: float, rate: float, work: Path, create_rate: float = 0.0,
-            kcm_qps: float = 0.0, trace_memory: bool = False) -> dict:
+            kcm_qps: float = 0.0, trace_memory: bool = False, driver: str = "operator") -> dict:
     fifos = work / "fifos"
     fifos.mkdir(parents=True)
     names = [f"bench-{i:04d}" for i in range(runs)]
@@ -479,7 +483,10 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         watcher = Watcher(api_client).start()
         metrics_port = free_port()
         snapshot = work / "operator.tracemalloc" if trace_memory else None
-        operator = start_operator(cp.kubeconfig, work, fifos, metrics_port, snapshot)
+        operator = start_operator(cp.kubeconfig, work, fifos, metrics_port, snapshot, driver)
+
+        def own_metrics() -> str:  # the floor driver has none
+            return operator_metrics(metrics_port) if driver == "operator" else ""
         time.sleep(5)  # the operator elects itself and lists what there is
         load_before, counts_at_start = load_average(), request_counts(cp)
         cpu_at_start, machine_at_start = cpu_by_process(cp, operator), machine_cpu()
@@ -507,12 +514,12 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         memory_training = memory_mb(operator.pid)
         traced = traced_memory(operator, snapshot) if snapshot else None
         say(f"releasing the training pods, {rate:.0f}/s")
-        own_before, operator_cpu_before, released = (operator_metrics(metrics_port), cpu_seconds(operator.pid),
+        own_before, operator_cpu_before, released = (own_metrics(), cpu_seconds(operator.pid),
                                                      time.monotonic())
         machine_at_release = machine_cpu()
         release(names, fifos, rate)
         wait_until(lambda: len(watcher.trained) == runs, 300 + 5 * runs, "every run Trained")
-        own_trained, operator_cpu_trained = operator_metrics(metrics_port), cpu_seconds(operator.pid)
+        own_trained, operator_cpu_trained = own_metrics(), cpu_seconds(operator.pid)
         machine_busy["first release -> every run Trained"] = busy_share(machine_at_release, machine_cpu())
         exit_phase = {  # from the first release to the last Trained: where the operator's share went
             "wall_s": round(time.monotonic() - released, 1),
@@ -533,9 +540,9 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
         api_metrics = cp.api_get("/metrics")[1].decode()
         whole = {k: v - counts_at_start.get(k, 0.0) for k, v in counts_at_end.items()}
         per_run = sorted(((v / runs, k) for k, v in whole.items() if v / runs >= 0.5), reverse=True)
-        own = operator_metrics(metrics_port)
+        own = own_metrics()
         watcher.stop.set()
-        return {"runs": runs, "create_rate": create_rate or "at once", "creating_s": round(creating_s, 2),
+        return {"driver": driver, "runs": runs, "create_rate": create_rate or "at once", "creating_s": round(creating_s, 2),
                 "gc_watched_runs_before_creation": gc_watching,
                 "kcm_qps": kcm_qps or "default (20)", "etcd_data": "tmpfs" if state.parent == SHM else "disk", "load_average_at_creation": load_before,
                 "load_average_at_end": load_average(),
@@ -597,6 +604,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--create-rate", type=float, default=0.0, help="runs created per second (0: at once)")
     parser.add_argument("--kcm-qps", type=float, default=0.0,
                         help="kube-controller-manager client QPS (0: its default, 20)")
+    parser.add_argument("--driver", choices=("operator", "floor"), default="operator",
+                        help="floor: instead of the operator, the least any controller must do for the "
+                             "same children (bench/floor_driver.py), the baseline of the latencies")
     parser.add_argument("--trace-memory", action="store_true",
                         help="run the operator under tracemalloc and report where its memory is, every run "
                              "training (slower: its latencies are not comparable)")
@@ -607,11 +617,11 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="control-plane-", dir=CACHE))
     try:
         figures = measure(args.runs, args.window, args.release_rate, work, args.create_rate, args.kcm_qps,
-                          args.trace_memory)
+                          args.trace_memory, args.driver)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(yaml.safe_dump(figures, sort_keys=False))
-    print(f"control plane, {figures['runs']} runs: creation->training pods p50 {figures['to_workers_p50']:.2f}s "
+    print(f"control plane ({figures['driver']}), {figures['runs']} runs: creation->training pods p50 {figures['to_workers_p50']:.2f}s "
           f"p95 {figures['to_workers_p95']:.2f}s (target <= 2s); steady state "
           f"{figures['requests_per_s']:.2f} API requests/s (target <= 5); exit->status "
           f"p50 {figures['exit_to_status_p50']:.2f}s p95 {figures['exit_to_status_p95']:.2f}s (target <= 1s); "
