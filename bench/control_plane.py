@@ -24,7 +24,12 @@ Figures, in one run:
 
     make bench-control-plane RUNS=200   (or: .venv/bin/python bench/control_plane.py --runs 200
                                           [--window 60] [--release-rate 20] [--create-rate 20]
-                                          [--kcm-qps 20] [--trace-memory])
+                                          [--kcm-qps 20] [--trace-memory] [--driver floor])
+
+The baseline, `--driver floor`: the same bench with bench/floor_driver.py in the operator's
+place, the least any controller must do for these runs' children (no validation, no Events,
+one status write a stage). Its latencies are what this machine's cluster alone takes; the
+operator's over them is the operator's overhead.
 
 `--create-rate` paces the creations (default: all at once, 8 client threads). `--kcm-qps` is the
 kube-controller-manager's client QPS (its default, 20 a controller, lets the Job controller

@@ -2,12 +2,13 @@
 
 `bench/control_plane.py --driver floor` runs this process where the operator would run, on the
 same Python and settings. It makes each run's children with the operator's own builders
-(`kubetune.manifests`: the ConfigMap, the Service, the data-prep Job, the training Job) and
-writes the run's status once (Trained and Succeeded, when its training pod has exited): no
-validation, no status before that, no Events, no finalizer, no finalize step, no cache but
-what it remembers having done. What the cluster then takes (the API server, etcd, the Job
-controller, the garbage collector, the node agent) is the floor the machine sets for any
-operator of these runs; the operator's figures over this one's are its own overhead.
+(`kubetune.manifests`: the ConfigMap, the Service, the data-prep Job, the training Job, the
+finalize Job) and writes the run's status twice (Trained when its training pod has exited,
+Succeeded when its finalize pod has): no validation, no status before that, no Events, no
+finalizer, no cache but what it remembers having done. What the cluster then takes (the API
+server, etcd, the Job controller, the garbage collector, the node agent) is the floor the
+machine sets for any operator of these runs; the operator's figures over this one's are its
+own overhead.
 
     python bench/floor_driver.py NAMESPACE   (KUBECONFIG and the operator's KUBETUNE_* settings)
 """
@@ -26,8 +27,8 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from kubetune.api import GROUP, PLURAL, VERSION, parse_training_run
 from kubetune.k8s.rest import MERGE_PATCH, Rest, collection, member
-from kubetune.manifests import (LABEL_COMPONENT, LABEL_RUN, BuildContext, build_config_map, build_prep_job,
-                                build_service, build_train_job)
+from kubetune.manifests import (LABEL_COMPONENT, LABEL_RUN, BuildContext, build_config_map, build_finalize_job,
+                                build_prep_job, build_service, build_train_job)
 from kubetune.resolve import resolve_config
 from kubetune.settings import OperatorSettings
 
@@ -65,12 +66,17 @@ class Floor:
     def prep_exited(self, name: str) -> None:
         self.create(build_train_job(self.contexts[name]))
 
-    def trained(self, name: str) -> None:
+    def patch_status(self, name: str, phase: str) -> None:
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         condition = {"type": "Trained", "status": "True", "reason": "TrainingComplete", "message": "",
                      "lastTransitionTime": now}
         self.rest.send("PATCH", member(RUNS, PLURAL, self.namespace, name, "status"),
-                       body={"status": {"phase": "Succeeded", "conditions": [condition]}}, content_type=MERGE_PATCH)
+                       body={"status": {"phase": phase, "conditions": [condition]}}, content_type=MERGE_PATCH)
+
+    def train_exited(self, name: str) -> None:
+        status = self.pool.submit(self.patch_status, name, "Training")
+        self.create(build_finalize_job(self.contexts[name]))
+        status.result()
 
     def on_run(self, body: dict) -> None:
         if self.once(body["metadata"]["name"], "added"):
@@ -83,8 +89,10 @@ class Floor:
             return
         if component == "prep" and self.once(run, "prep exited"):
             self.pool.submit(self.prep_exited, run)
-        elif component == "train" and self.once(run, "trained"):
-            self.pool.submit(self.trained, run)
+        elif component == "train" and self.once(run, "train exited"):
+            self.pool.submit(self.train_exited, run)
+        elif component == "finalize" and self.once(run, "finalized"):
+            self.pool.submit(self.patch_status, run, "Succeeded")
 
     def watch(self, path: str, query: list[tuple[str, str]], handle) -> None:
         while True:
@@ -103,7 +111,7 @@ def main(namespace: str) -> None:
     rest = Rest(config.new_client_from_config())
     floor = Floor(rest, namespace, OperatorSettings.from_env())
     pods = threading.Thread(target=floor.watch, daemon=True, args=(
-        collection("v1", "pods", namespace), [("labelSelector", f"{LABEL_COMPONENT} in (prep,train)")],
+        collection("v1", "pods", namespace), [("labelSelector", f"{LABEL_COMPONENT} in (prep,train,finalize)")],
         floor.on_pod))
     pods.start()
     floor.watch(collection(RUNS, PLURAL, namespace), [], floor.on_run)

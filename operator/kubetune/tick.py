@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, wait
 from datetime import datetime
 from typing import Any, Protocol
@@ -98,7 +98,8 @@ def apply(cluster: Cluster, run: Mapping[str, Any], plan: Plan, now: datetime,
     """Given `side` (threads that only ever run one write), the status patch goes out on it
     while the children's writes go out here: each is on a critical path of its own (a step's
     Job after the last step's exit; the status showing that exit), and neither waits for the
-    other's round trips. Both are done when this returns."""
+    other's round trips. Children made together go out together too, ConfigMaps first (the
+    pods mount them). Everything is done when this returns."""
     meta = run["metadata"]
     patched = None
     if plan.status and side is not None:
@@ -106,8 +107,7 @@ def apply(cluster: Cluster, run: Mapping[str, Any], plan: Plan, now: datetime,
     try:
         for ref in plan.delete:
             cluster.delete(ref)
-        for manifest in plan.create:
-            cluster.create(manifest)
+        create_children(cluster, plan.create, side)
     finally:
         if patched is not None:  # never return with our own write in flight
             wait([patched])
@@ -119,3 +119,23 @@ def apply(cluster: Cluster, run: Mapping[str, Any], plan: Plan, now: datetime,
         cluster.post_event(run, event, now)
     if plan.delete_run:
         cluster.delete_run(meta["namespace"], meta["name"])
+
+
+def create_children(cluster: Cluster, manifests: Sequence[Mapping[str, Any]], side: Executor | None) -> None:
+    """ConfigMaps one by one, then the rest at once on `side` (here, one by one, without it);
+    the first error is raised once every create has ended."""
+    first = [m for m in manifests if m["kind"] == "ConfigMap"]
+    rest = [m for m in manifests if m["kind"] != "ConfigMap"]
+    for manifest in first:
+        cluster.create(manifest)
+    if side is None or len(rest) < 2:
+        for manifest in rest:
+            cluster.create(manifest)
+        return
+    created = [side.submit(cluster.create, manifest) for manifest in rest[1:]]
+    try:
+        cluster.create(rest[0])
+    finally:
+        wait(created)
+    for future in created:
+        future.result()

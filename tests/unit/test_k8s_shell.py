@@ -311,6 +311,37 @@ def test_a_failed_create_fails_the_tick_after_its_patch_is_done_and_posts_no_eve
     assert cluster.log[-1] == ("patched", "side_0")  # never left in flight
 
 
+class Creates:
+    """A cluster whose creates each take 0.2 s, recording when each began and ended."""
+
+    def __init__(self, fail: str | None = None):
+        self.spans, self.fail, self.lock = {}, fail, threading.Lock()
+
+    def create(self, manifest):
+        began = time.monotonic()
+        time.sleep(0.2)
+        with self.lock:
+            self.spans[manifest["kind"]] = (began, time.monotonic())
+        if manifest["kind"] == self.fail:
+            raise RuntimeError(f"{self.fail} refused")
+
+    def patch_status(self, namespace, name, status):
+        pass
+
+
+def test_a_plans_children_go_out_together_after_its_config_map():
+    cluster, side = Creates(), concurrent.futures.ThreadPoolExecutor(4, "side")
+    plan = a_plan(create=({"kind": "ConfigMap"}, {"kind": "Service"}, {"kind": "Job"}), events=())
+    apply(cluster, run_at("1", "Pending"), plan, datetime.now(timezone.utc), side)
+    spans = cluster.spans
+    assert spans["ConfigMap"][1] <= min(spans["Service"][0], spans["Job"][0])  # the pods mount it
+    assert abs(spans["Service"][0] - spans["Job"][0]) < 0.1  # at once: one round trip, not two
+    failing = Creates(fail="Service")  # an error is raised once every create has ended
+    with pytest.raises(RuntimeError, match="Service refused"):
+        apply(failing, run_at("1", "Pending"), plan, datetime.now(timezone.utc), side)
+    assert set(failing.spans) == {"ConfigMap", "Service", "Job"}
+
+
 def test_events_are_posted_off_the_tick_and_a_full_backlog_drops_them_counted():
     release, posted = threading.Event(), []
     poster = EventPoster(threads=1, backlog=2)
