@@ -553,6 +553,10 @@ def measure(runs: int, window: float, rate: float, work: Path, create_rate: floa
                 "load_average_at_end": load_average(),
                 "to_workers_p50": statistics.median(to_workers), "to_workers_p95": percentile(to_workers, 95),
                 "to_workers_max": max(to_workers),
+                # The first create call to the last training pod: the whole burst's span, which
+                # the order the runs happen to be created in does not move.
+                "first_create_to_last_training_pod_s": round(
+                    max(watcher.pod_added[n] for n in names) - min(created.values()), 2),
                 "to_workers_stages": {k: spread(v) for k, v in stages.items()},
                 "requests_per_s": sum(delta.values()) / elapsed, "window_s": elapsed,
                 "busiest": [(f"{verb} {resource}", round(per_s, 2)) for per_s, (resource, verb) in busiest],
