@@ -12,6 +12,7 @@ name the field (`spec.resources.nodes: ...`).
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -222,10 +223,16 @@ class _Api(BaseModel):
     @classmethod
     def _null_means_absent(cls, data: Any) -> Any:
         """As the API server prunes it: a known field set to null (YAML's `key:`) is left out."""
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or None not in data.values():
             return data
-        known = {field.alias or name for name, field in cls.model_fields.items()}
+        known = _field_names(cls)
         return {key: value for key, value in data.items() if value is not None or key not in known}
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """A model's fields by the names documents use (every tick parses its run: computed once)."""
+    return frozenset(field.alias or name for name, field in model.model_fields.items())
 
 
 class _Spec(_Api):
@@ -857,8 +864,13 @@ def _type_name(value: Any) -> str:
     return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 def plain(value: Any) -> Any:
     """A deep, mutable copy of JSON-like data as dicts and lists (kopf hands out read-only views)."""
+    if type(value) in _SCALARS:  # most leaves: skip the slow abstract-class checks
+        return value
     if isinstance(value, Mapping):
         return {key: plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -403,6 +403,17 @@ def test_kopf_keeps_no_diff_base_on_the_runs():
     assert not patch and storage.fetch(body=body) is None
 
 
+def test_kopf_s_essence_of_a_run_is_its_own_without_copying_the_status():
+    status = {"phase": "Training", "events": [{"type": "TRAIN_UPDATED", "message": "m" * 200}] * 50}
+    raw = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "TrainingRun",
+           "metadata": {"name": "r", "uid": "u", "resourceVersion": "7", "labels": {"team": "a"},
+                        "annotations": {"note": "x", "kopf.kubetune.dev/last-handled-configuration": "{}"}},
+           "spec": {"model": "m"}, "status": status}
+    ours = UnkeptDiffBase(prefix="kopf.kubetune.dev").build(body=kopf.Body(raw))
+    assert ours == kopf.AnnotationsDiffBaseStorage(prefix="kopf.kubetune.dev").build(body=kopf.Body(raw))
+    assert ours == {"spec": {"model": "m"}, "metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}}}
+
+
 class Creating(Cluster):
     """Cluster whose creates succeed, or find the object made already (409), without a server."""
 

@@ -645,3 +645,14 @@ def test_an_unreadable_snapshot_fails_the_run_loudly_and_stops_it() -> None:
     assert problem in condition(after, "Failed")["message"]
     assert condition(after, "Validated")["status"] == "True"  # the spec is fine; its snapshot is not
     assert deleted(run(after, observed)[0]) == ["demo-train-1"]  # the next look stops what runs
+
+
+def test_a_status_written_by_another_version_is_read_raw_not_judged_as_the_spec():
+    # An event type a newer operator wrote (a rollback, a downgrade): the status is decide's
+    # own record, read as plain data; only the spec and metadata are parsed and judged.
+    status = {"phase": "Training", "attempts": 1,
+              "events": [{"type": "SOMETHING_NEWER", "message": "from a later version", "time": "2026-03-01T11:00:00Z"}]}
+    plan = decide(body(status), world(train=(job(Component.TRAIN, 1),)), NOW, SETTINGS)
+    assert plan.status.get("phase") != Phase.FAILED.value
+    assert not plan.status.get("conditions") or all(
+        c.get("reason") != "InvalidSpec" for c in plan.status.get("conditions", []))

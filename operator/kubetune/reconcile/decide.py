@@ -175,11 +175,12 @@ def _world(body: Mapping[str, Any], observed: Observed, now: datetime,
            settings: OperatorSettings) -> _World:
     """Parse and resolve everything up front: any problem is the user's, raised as SpecError.
     A run that has started acts on its snapshot's spec (with the live controls), never on edits."""
-    run = parse_training_run(body)
+    resource = {key: value for key, value in body.items() if key != "status"}  # read raw, in `decide`
+    run = parse_training_run(resource)
     if observed.snapshot_problem:
         raise SnapshotUnreadable(observed.snapshot_problem)
     if observed.snapshot is not None:
-        run = parse_training_run({**body, "spec": observed.snapshot.frozen_spec(body.get("spec") or {})})
+        run = parse_training_run({**resource, "spec": observed.snapshot.frozen_spec(body.get("spec") or {})})
     try:
         config = observed.config or resolve_config(run, settings)
     except ResolveError as error:
