@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from kubernetes import config
+from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from kubetune.api import GROUP, PLURAL, VERSION, parse_training_run
@@ -40,6 +41,8 @@ class Floor:
     def __init__(self, rest: Rest, namespace: str, settings: OperatorSettings, workers: int = 32):
         self.rest, self.namespace, self.settings = rest, namespace, settings
         self.pool = ThreadPoolExecutor(workers)  # the operator's reconcile workers, as many
+        # A write beside a task's own: waiting on the same pool would deadlock a full one.
+        self.side = ThreadPoolExecutor(workers)
         self.contexts: dict[str, BuildContext] = {}
         self.done: set[tuple[str, str]] = set()  # (run, what) already written
         self.lock = threading.Lock()
@@ -52,16 +55,33 @@ class Floor:
 
     def create(self, manifest: dict) -> None:
         api_version, plural = PLURALS[manifest["kind"]]
-        self.rest.send("POST", collection(api_version, plural, self.namespace), body=manifest)
+        try:
+            self.rest.send("POST", collection(api_version, plural, self.namespace), body=manifest)
+        except ApiException as error:
+            if error.status != 409:  # made already, by an earlier try
+                raise
+
+    def submit(self, action, *args) -> None:
+        """Run `action` on the pool, again after an error (said on stderr) until it succeeds."""
+        def attempt() -> None:
+            try:
+                action(*args)
+            except Exception as error:  # noqa: BLE001 - a baseline: say it, try again
+                print(f"floor driver: {action.__name__}{args[:1]} failed, again in 1s: {error}",
+                      file=sys.stderr, flush=True)
+                threading.Timer(1.0, self.pool.submit, (attempt,)).start()
+        self.pool.submit(attempt)
 
     def run_added(self, body: dict) -> None:
         run = parse_training_run(body)
         ctx = BuildContext(run, self.settings, resolve_config(run, self.settings))
         self.contexts[run.metadata.name] = ctx
         self.create(build_config_map(ctx))  # the pods mount it: before their Job
-        service = self.pool.submit(self.create, build_service(ctx))
-        self.create(build_prep_job(ctx))
-        service.result()
+        service = self.side.submit(self.create, build_service(ctx))
+        try:
+            self.create(build_prep_job(ctx))
+        finally:
+            service.result()
 
     def prep_exited(self, name: str) -> None:
         self.create(build_train_job(self.contexts[name]))
@@ -74,13 +94,13 @@ class Floor:
                        body={"status": {"phase": phase, "conditions": [condition]}}, content_type=MERGE_PATCH)
 
     def train_exited(self, name: str) -> None:
-        status = self.pool.submit(self.patch_status, name, "Training")
+        status = self.side.submit(self.patch_status, name, "Training")
         self.create(build_finalize_job(self.contexts[name]))
         status.result()
 
     def on_run(self, body: dict) -> None:
         if self.once(body["metadata"]["name"], "added"):
-            self.pool.submit(self.run_added, body)
+            self.submit(self.run_added, body)
 
     def on_pod(self, pod: dict) -> None:
         labels = pod["metadata"].get("labels") or {}
@@ -88,11 +108,11 @@ class Floor:
         if (pod.get("status") or {}).get("phase") != "Succeeded" or run is None:
             return
         if component == "prep" and self.once(run, "prep exited"):
-            self.pool.submit(self.prep_exited, run)
+            self.submit(self.prep_exited, run)
         elif component == "train" and self.once(run, "train exited"):
-            self.pool.submit(self.train_exited, run)
+            self.submit(self.train_exited, run)
         elif component == "finalize" and self.once(run, "finalized"):
-            self.pool.submit(self.patch_status, run, "Succeeded")
+            self.submit(self.patch_status, run, "Succeeded")
 
     def watch(self, path: str, query: list[tuple[str, str]], handle) -> None:
         while True:
