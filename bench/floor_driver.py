@@ -128,7 +128,10 @@ class Floor:
 
 
 def main(namespace: str) -> None:
-    rest = Rest(config.new_client_from_config())
+    try:
+        rest = Rest(config.new_client_from_config())
+    except config.ConfigException as error:
+        sys.exit(f"floor driver: no cluster to drive: {error} (set KUBECONFIG)")
     floor = Floor(rest, namespace, OperatorSettings.from_env())
     pods = threading.Thread(target=floor.watch, daemon=True, args=(
         collection("v1", "pods", namespace), [("labelSelector", f"{LABEL_COMPONENT} in (prep,train,finalize)")],
@@ -138,4 +141,7 @@ def main(namespace: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: floor_driver.py NAMESPACE (KUBECONFIG names the cluster; "
+                 "bench/control_plane.py --driver floor starts it)")
     main(sys.argv[1])
