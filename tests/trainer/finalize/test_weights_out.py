@@ -120,6 +120,18 @@ def test_a_tensor_changed_after_it_was_copied_ahead_is_written_from_memory(tmp_p
     assert torch.equal(load_file(tmp_path / "w.safetensors")["a"], torch.arange(50_000, dtype=torch.float32) + 1)
 
 
+def test_a_copy_ahead_that_could_not_plan_leaves_its_call_to_write_the_file_anew(tmp_path, monkeypatch):
+    saved, loaded = mapped_tensors(tmp_path)
+    taken = spied_takes(monkeypatch)
+    plan = weights_out.plan
+    monkeypatch.setattr(weights_out, "plan", lambda *args: (_ for _ in ()).throw(ValueError("no plan")))
+    ahead = weights_out.CopyAhead(loaded, str(tmp_path / "w.safetensors"))  # planned on the caller's thread
+    monkeypatch.setattr(weights_out, "plan", plan)
+    save_file(loaded, str(tmp_path / "w.safetensors"), ahead=ahead)
+    assert taken == [False]
+    assert all(torch.equal(load_file(tmp_path / "w.safetensors")[name], tensor) for name, tensor in saved.items())
+
+
 def test_a_call_other_than_the_one_copied_ahead_writes_its_file_anew_and_no_guess_is_left(tmp_path, monkeypatch):
     saved, loaded = mapped_tensors(tmp_path)
     taken = spied_takes(monkeypatch)
