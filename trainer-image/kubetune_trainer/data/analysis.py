@@ -107,14 +107,17 @@ def available_cpus() -> int:
 
 
 # A worker's encoder: the parent's, inherited by the fork (loading the tokenizer again would cost
-# each worker seconds). Workers tokenize on one thread each; should the parent have used the Rust
-# thread pool already (a small train split before a large eval split), the library itself turns
-# it off in the child, which is what a worker wants anyway.
+# each worker seconds). Workers tokenize on one thread each: the Rust thread pool, sized to one
+# thread, not the library's serial path (TOKENIZERS_PARALLELISM=false), which takes 1.3x the CPU
+# for the same tokens here (glibc's malloc: with one arena the pool is as slow; BENCHMARKS.md).
+# Should the parent have used the pool already (a small train split before a large eval split),
+# the library turns it off in the child, which then takes the serial path.
 _worker: Encoder | None = None
+POOL_THREADS = "RAYON_NUM_THREADS"  # read when the library first starts its pool
 
 
 def _start_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per CPU instead of Rust threads
+    os.environ[POOL_THREADS] = "1"  # one process per CPU, one pool thread each
 
 
 def _process_in_worker(index: int, chunk: Chunk) -> ChunkResult:
