@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -90,6 +91,36 @@ def kill_in(phase: str, operator, kubectl, namespace: str, name: str, ledger: Ch
     return kill_operator(operator)
 
 
+class OutageAt:
+    """Takes `proxy` down the moment the run reports `phase`, whatever the test is doing then:
+    restarting the operator waits out the dead one's Lease, longer than a fast step may take to
+    reach what the proxy stands for once the run is in `phase`."""
+
+    def __init__(self, proxy: FaultyProxy, phase: str, kubectl, namespace: str, name: str):
+        self.proxy, self.phase, self.stopping = proxy, phase, threading.Event()
+        self.down = threading.Event()
+        self.thread = threading.Thread(target=self._watch, args=(kubectl, namespace, name), daemon=True)
+        self.thread.start()
+
+    def _watch(self, kubectl, namespace: str, name: str) -> None:
+        while not self.stopping.is_set():
+            try:
+                phase = status_of(kubectl, namespace, name).get("phase")
+            except Exception:  # noqa: BLE001 - the API server may be slow to answer: ask again
+                phase = None
+            if phase == self.phase:
+                self.proxy.down()
+                self.down.set()
+                return
+            if phase in TERMINAL:
+                return
+            self.stopping.wait(0.3)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
 @pytest.mark.slow  # ~2.5 min on an idle machine: five restarts, each waiting out the dead one's Lease
 def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_one_of_everything(
         operator, cluster, kubectl, namespace, inputs, site, wait_for):
@@ -106,6 +137,7 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
     # The proxy listens where the pods reach this machine (on real nodes: the cluster network's end).
     listen = cluster.kubelets.network.host_ip if cluster.kubelets else "127.0.0.1"
     proxy = FaultyProxy(mlflow.hostname, mlflow.port, host=listen).start() if cluster.control_plane else None
+    outage = None
     try:
         spec = tiny_spec(inputs, registerTo=model)
         if proxy:
@@ -114,11 +146,13 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
         kills = [("Pending", kill_operator(operator))]
         create(kubectl, namespace, name, spec)
         assert not ledger.look() and not status_of(kubectl, namespace, name)
+        # MLflow goes down as the run starts registering (the training's MLflow calls are over).
+        outage = OutageAt(proxy, "Registering", kubectl, namespace, name) if proxy else None
         restart(operator, kills[-1][1], wait_for)
         for phase in ("PreparingData", "Training", "Registering"):
             kills.append((phase, kill_in(phase, operator, kubectl, namespace, name, ledger, wait_for)))
-            if phase == "Registering" and proxy:  # the training's MLflow calls are over by now
-                proxy.down()  # and up again once the finalize step has met the outage
+            if phase == "Registering" and outage:  # up again once the finalize step has met the outage
+                assert outage.down.wait(RUN_TIMEOUT), "MLflow was never taken down"
                 wait_for(lambda: "retrying in" in finalize_log(kubectl, namespace, name), RUN_TIMEOUT,
                          "the finalize step to retry MLflow", interval=1)
                 proxy.up()
@@ -126,8 +160,12 @@ def test_an_operator_killed_in_every_phase_and_while_its_run_is_deleted_leaves_o
         run = wait_succeeded(kubectl, namespace, name, operator)
         ledger.look()
     finally:
+        if outage:
+            outage.stop()
         if proxy:
             proxy.stop()
+        if not operator.alive():  # a failure above must not leave the next tests without one
+            operator.start()
 
     status = run["status"]
     assert status["attempts"] == 1, status
