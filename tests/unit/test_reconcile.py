@@ -197,6 +197,24 @@ def test_prepared_data_starts_training() -> None:
     assert condition(b, "DataPrepared")["status"] == "True"
 
 
+def test_a_prep_job_done_before_its_pod_is_seen_waits_for_the_pod_s_report() -> None:
+    _, b = run(body(), Observed())
+    just_done = job(Component.PREP, complete=True, succeeded=1, completed_at=NOW - timedelta(seconds=5))
+    plan, b = run(b, world(prep=just_done))  # a watch restarting: the Job shows up before its pod
+    assert b["status"]["phase"] == "PreparingData" and not created(plan) and "dataStats" not in b["status"]
+    assert plan.requeue_after and plan.requeue_after <= 5
+    plan, b = run(b, *PREPARED)  # then the pod, with its report
+    assert b["status"]["dataStats"] == STATS and condition(b, "DataPrepared")["status"] == "True"
+
+
+def test_a_prep_job_whose_pods_are_gone_for_good_goes_on_without_its_report() -> None:
+    _, b = run(body(), Observed())
+    long_done = job(Component.PREP, complete=True, succeeded=1, completed_at=NOW - timedelta(minutes=5))
+    plan, b = run(b, world(prep=long_done))
+    assert b["status"]["phase"] == "Training" and "dataStats" not in b["status"]
+    assert condition(b, "DataPrepared")["status"] == "True"
+
+
 def test_prepared_data_is_never_prepared_again() -> None:
     b = training_body()
     # The prep Job is gone (deleted by hand); DataPrepared in status is what counts.

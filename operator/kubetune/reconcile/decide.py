@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from kubetune_trainer.config import RunConfig
@@ -85,6 +85,7 @@ from .status import (
 
 ACTIVE_PHASES = frozenset({Phase.PREPARING_DATA, Phase.TRAINING, Phase.REGISTERING})
 WAIT_SECONDS = 5.0  # re-check soon while a deleted child is still going away
+REPORT_GRACE = timedelta(seconds=60)  # how long a done Job's pod report may lag behind the Job
 MAX_EVENT_MESSAGE = 1024
 RETRY_DETAIL = 400  # characters of the failure detail kept in a RETRYING event
 
@@ -259,10 +260,23 @@ def _prepare(world: _World, draft: _Draft) -> bool:
     if not _run_job(world, draft, job, lambda: build_prep_job(world.context()),
                     Phase.PREPARING_DATA, "DataPreparationFailed"):
         return False
+    if not job.result().get(RESULT_DATA_STATS) and _report_may_come(world, job):
+        draft.phase = Phase.PREPARING_DATA
+        draft.requeue.append(WAIT_SECONDS)
+        return False
     _put(draft.status, "dataStats", DataStats, job.result().get(RESULT_DATA_STATS))
     draft.notes[EventType.DATA_VALIDATED] = _stats_message(draft.status.get("dataStats"))
     _mark(draft, DATA_PREPARED)
     return True
+
+
+def _report_may_come(world: _World, job: JobState) -> bool:
+    """The Job says it is done, but no pod of it that succeeded has been seen (a watch that
+    restarts shows the Job before its pod): the step's report is still to come, for a while
+    after the Job completed. Once that is over (its pods are gone for good), it goes on without."""
+    if any(pod.phase == "Succeeded" for pod in job.pods) or job.completed_at is None:
+        return False
+    return world.now - job.completed_at < REPORT_GRACE
 
 
 def _current_attempt(world: _World, draft: _Draft) -> int:

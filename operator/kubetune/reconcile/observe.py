@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from kubetune_trainer.config import RunConfig
@@ -49,6 +50,7 @@ from ..manifests import (
 )
 from ..settings import OperatorSettings
 from ..snapshot import Snapshot, SnapshotUnreadable, read_snapshot
+from ..timestamps import parse_time
 
 JOB_NAME_LABELS = (JOB_NAME_LABEL, "job-name")  # the second: before Kubernetes 1.27
 
@@ -92,6 +94,7 @@ class JobState:
     failed_message: str = ""
     terminating: bool = False  # being deleted
     pods: tuple[PodState, ...] = ()
+    completed_at: datetime | None = None  # the Job's status.completionTime
 
     @property
     def done(self) -> bool:
@@ -271,6 +274,7 @@ def job_state(job: Mapping[str, Any], pods: Iterable[PodState] = ()) -> JobState
         failed_message=(failed.get("message") or "") if failed else "",
         terminating=bool(meta.get("deletionTimestamp")),
         pods=tuple(pods),
+        completed_at=parse_time(status.get("completionTime")),
     )
 
 
