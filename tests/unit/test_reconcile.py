@@ -473,6 +473,16 @@ def _finalizing(finalize: JobState) -> Observed:
     return replace(_training(done(Component.TRAIN, {}, attempt=1)), finalize=finalize)
 
 
+def test_a_finalize_job_done_before_its_pod_is_seen_waits_for_the_registered_model() -> None:
+    b = _registering()
+    just_done = job(Component.FINALIZE, complete=True, succeeded=1, completed_at=NOW - timedelta(seconds=5))
+    plan, b = run(b, _finalizing(just_done))
+    assert b["status"]["phase"] == "Registering" and "registeredModel" not in b["status"]
+    assert plan.requeue_after and plan.requeue_after <= 5
+    plan, b = run(b, _finalizing(done(Component.FINALIZE, {"registeredModel": MODEL})))
+    assert b["status"]["phase"] == "Succeeded" and b["status"]["registeredModel"]["version"] == MODEL["version"]
+
+
 def test_registration_completes_the_run() -> None:
     b = _registering()
     result = {"registeredModel": MODEL, "mlflow": {"experimentId": "7", "runId": "r1"}}

@@ -260,9 +260,7 @@ def _prepare(world: _World, draft: _Draft) -> bool:
     if not _run_job(world, draft, job, lambda: build_prep_job(world.context()),
                     Phase.PREPARING_DATA, "DataPreparationFailed"):
         return False
-    if not job.result().get(RESULT_DATA_STATS) and _report_may_come(world, job):
-        draft.phase = Phase.PREPARING_DATA
-        draft.requeue.append(WAIT_SECONDS)
+    if _waiting_for_report(world, draft, job, RESULT_DATA_STATS, Phase.PREPARING_DATA):
         return False
     _put(draft.status, "dataStats", DataStats, job.result().get(RESULT_DATA_STATS))
     draft.notes[EventType.DATA_VALIDATED] = _stats_message(draft.status.get("dataStats"))
@@ -270,13 +268,18 @@ def _prepare(world: _World, draft: _Draft) -> bool:
     return True
 
 
-def _report_may_come(world: _World, job: JobState) -> bool:
-    """The Job says it is done, but no pod of it that succeeded has been seen (a watch that
-    restarts shows the Job before its pod): the step's report is still to come, for a while
-    after the Job completed. Once that is over (its pods are gone for good), it goes on without."""
-    if any(pod.phase == "Succeeded" for pod in job.pods) or job.completed_at is None:
+def _waiting_for_report(world: _World, draft: _Draft, job: JobState, key: str, phase: Phase) -> bool:
+    """True (and the step stays in `phase`) while a done Job's report `key` may still come: the
+    Job says it is done but no pod of it that succeeded has been seen (a watch that restarts
+    shows the Job before its pod), for a while after the Job completed. After that (its pods
+    gone for good) the step goes on without the report."""
+    if job.result().get(key) or any(pod.phase == "Succeeded" for pod in job.pods) or job.completed_at is None:
         return False
-    return world.now - job.completed_at < REPORT_GRACE
+    if world.now - job.completed_at >= REPORT_GRACE:
+        return False
+    draft.phase = phase
+    draft.requeue.append(WAIT_SECONDS)
+    return True
 
 
 def _current_attempt(world: _World, draft: _Draft) -> int:
@@ -345,6 +348,8 @@ def _register(world: _World, draft: _Draft) -> bool:
     job = world.observed.finalize
     if not _run_job(world, draft, job, lambda: build_finalize_job(world.context()),
                     Phase.REGISTERING, "RegistrationFailed"):
+        return False
+    if _waiting_for_report(world, draft, job, RESULT_REGISTERED_MODEL, Phase.REGISTERING):
         return False
     result = job.result()
     _put(draft.status, "registeredModel", RegisteredModel, result.get(RESULT_REGISTERED_MODEL))
