@@ -231,7 +231,6 @@ class CopyAhead:
 
         self.tensors = cpu_contiguous(tensors)
         self.filename = filename
-        self.metadata = metadata
         self.signature = signature(self.tensors, metadata)
         self.out: int | None = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.failed: BaseException | None = None
