@@ -221,6 +221,22 @@ def blobs_to_send(manifest_digest: str, manifest: dict, have: set[str]) -> list[
             *(d for d in dict.fromkeys(layers) if d not in have)]
 
 
+def image_digests(listing: str) -> list[str]:
+    """The manifest (or index) digest of each image in `ctr images ls` output."""
+    return [line.split()[2] for line in listing.splitlines()[1:] if line.strip()]
+
+
+def held_by(digest: str, read) -> set[str]:
+    """Hex digests of the blobs held by an image whose top blob is `digest` (`read(hex)`: a blob's
+    JSON): a manifest, its config and layers; an index and each of its manifests in turn. Only these
+    are sure to stay in the store while an import is prepared: any other blob, as the index an
+    earlier `ctr import` wrote, is garbage that containerd's collector may remove meanwhile."""
+    document = read(digest)
+    if "manifests" in document:
+        return {digest}.union(*(held_by(hex_of(m["digest"]), read) for m in document["manifests"]))
+    return {digest, hex_of(document["config"]["digest"]), *(hex_of(l["digest"]) for l in document["layers"])}
+
+
 def import_index(manifest: dict, names: tuple[str, ...]) -> dict:
     """An OCI index naming one manifest descriptor once per image name."""
     return {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -239,7 +255,9 @@ def load(tag: str, ctr_address: Path, containerd_root: Path, aliases: tuple[str,
     """Import `tag` (also named `aliases`) into the containerd at `ctr_address`, whose root
     folder is `containerd_root`, namespace k8s.io; the bytes of layers it had to send."""
     content = containerd_root / CONTENT_BLOBS
-    have = {p.name for p in content.iterdir()} if content.is_dir() else set()
+    listing = run(["ctr", f"--address={ctr_address}", "-n", "k8s.io", "images", "ls"], "ctr images ls")
+    have = {blob for digest in image_digests(listing)
+            for blob in held_by(hex_of(digest), lambda d: json.loads((content / d).read_bytes()))}
     with tempfile.TemporaryDirectory(prefix="kubetune-oci-", dir=cache_root()) as tmp:
         blobs = Path(tmp) / "blobs" / "sha256"
         blobs.mkdir(parents=True)
@@ -278,7 +296,8 @@ def ctr_import(ctr_address: Path, blobs: Path, send: list[str], index: bytes, wh
                              f"{err.read().decode(errors='replace')[-2000:]}")
 
 
-def run(argv: list[str], what: str) -> None:
+def run(argv: list[str], what: str) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ImageError(f"{what} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    return proc.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .images import IMAGE_NAME, ImageError, blobs_to_send, import_index
+from .images import IMAGE_NAME, ImageError, blobs_to_send, held_by, image_digests, import_index
 
 D = {name: f"sha256:{name * 64}" for name in "mcabx"}   # manifest, config, layers a and b, other
 MANIFEST = {"config": {"digest": D["c"]},
@@ -35,3 +35,27 @@ def test_the_index_names_the_manifest_once_per_name():
 def test_a_digest_of_another_algorithm_is_refused_by_name():
     with pytest.raises(ImageError, match="sha512:ab"):
         blobs_to_send("sha512:ab", MANIFEST, have=set())
+
+
+LISTING = """REF                                   TYPE                                       DIGEST   SIZE      PLATFORMS   LABELS
+localhost/kubetune/pause:1            application/vnd.oci.image.manifest.v1+json {m}  300.0 KiB linux/amd64 io.cri-containerd.image=managed
+registry.k8s.io/pause:3.10            application/vnd.oci.image.manifest.v1+json {m}  300.0 KiB linux/amd64 io.cri-containerd.image=managed
+""".format(m=D["m"])
+
+
+def test_each_listed_image_gives_its_top_digest():
+    assert image_digests(LISTING) == [D["m"], D["m"]]
+    assert image_digests("REF TYPE DIGEST SIZE PLATFORMS LABELS\n") == []
+
+
+def test_an_image_holds_its_manifest_config_and_layers_and_nothing_else_in_the_store():
+    blobs = {"m" * 64: MANIFEST}
+    assert held_by("m" * 64, blobs.__getitem__) == {"m" * 64, "c" * 64, "a" * 64, "b" * 64}
+
+
+def test_an_index_holds_each_of_its_manifests_with_their_blobs():
+    other = {"config": {"digest": D["x"]}, "layers": [{"digest": D["a"]}]}
+    blobs = {"i" * 64: {"manifests": [{"digest": D["m"]}, {"digest": f"sha256:{'o' * 64}"}]},
+             "m" * 64: MANIFEST, "o" * 64: other}
+    assert held_by("i" * 64, blobs.__getitem__) == {
+        "i" * 64, "m" * 64, "o" * 64, "c" * 64, "x" * 64, "a" * 64, "b" * 64}
