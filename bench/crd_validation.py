@@ -142,12 +142,14 @@ def main() -> None:
     p50 = {name: statistics.median(values) for name, values in times.items()}
     per_patch = {name: cpu[name] / len(times[name]) for name in crds}
     for name, values in times.items():
-        print(f"{name:>13}: status patch p50 {p50[name] * 1e3:.2f} ms, mean {statistics.mean(values) * 1e3:.2f} ms; "
+        print(f"{name:>13}: status patch p50 {p50[name] * 1e3:.2f} ms, "
+              f"mean {statistics.mean(values) * 1e3:.2f} ms; "
               f"API server CPU {per_patch[name] * 1e3:.2f} ms a patch ({len(values)} patches)")
     print(f"CEL rules: {per_patch['shipped'] / per_patch['no CEL']:.2f}x the API server's CPU a status patch "
           f"without them, {p50['shipped'] / p50['no CEL']:.2f}x the p50 latency")
-    print(f"status patch, shipped CRD / no validation: API server CPU "
-          f"{per_patch['shipped'] / per_patch['no validation']:.2f}x, p50 latency {p50['shipped'] / p50['no validation']:.2f}x")
+    print(f"status patch, shipped CRD / no validation: "
+          f"API server CPU {per_patch['shipped'] / per_patch['no validation']:.2f}x, "
+          f"p50 latency {p50['shipped'] / p50['no validation']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,8 @@ def held_by(digest: str, read) -> set[str]:
     document = read(digest)
     if "manifests" in document:
         return {digest}.union(*(held_by(hex_of(m["digest"]), read) for m in document["manifests"]))
-    return {digest, hex_of(document["config"]["digest"]), *(hex_of(layer["digest"]) for layer in document["layers"])}
+    layers = (hex_of(layer["digest"]) for layer in document["layers"])
+    return {digest, hex_of(document["config"]["digest"]), *layers}
 
 
 def import_index(manifest: dict, names: tuple[str, ...]) -> dict:
